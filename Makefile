@@ -1,0 +1,34 @@
+# `make demo` and `make test` set up their own virtual environment on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= demo-out
+
+.PHONY: setup test demo bench clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 first: it is the CPU wheel on disk; constraints.txt then keeps every other
+# package from pulling a different (CUDA) torch.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+demo: setup
+	rm -rf $(DEMO_OUT)
+	$(BIN)/havir synth-nsd $(DEMO_OUT)/nsd --subjects 1 --images 200 --seed 0
+	$(BIN)/havir masks build --nsd-root $(DEMO_OUT)/nsd --subject 1 --out $(DEMO_OUT)/masks
+	$(BIN)/havir masks show --nsd-root $(DEMO_OUT)/nsd --subject 1 --out $(DEMO_OUT)/masks/subj01.png
+	$(BIN)/havir prepare --nsd-root $(DEMO_OUT)/nsd --subject 1 --out $(DEMO_OUT)/data
+
+bench: setup
+	$(BIN)/python bench/bench_prepare.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT)

@@ -1,0 +1,149 @@
+"""The ``havir`` command line: parse options, call the library, print the result.
+
+Each command is a thin wrapper around a function a notebook can call too. User errors raised by
+the library (``ValueError``, ``FileNotFoundError``, ``PermissionError``...) become one line on
+stderr and exit status 2 here, in :func:`main`; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from havir.progress import stderr_console
+
+app = typer.Typer(
+    help="HAVIR: reconstruct seen images from fMRI (Natural Scenes Dataset).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+masks_app = typer.Typer(help="Build and view per-subject structural and semantic masks.", no_args_is_help=True)
+app.add_typer(masks_app, name="masks")
+
+stdout_console = Console(soft_wrap=True)
+
+# Options shared by several commands, defined once.
+NSDRootOpt = Annotated[Path, typer.Option("--nsd-root", help="Folder mirroring the NSD release (holds nsddata/, nsddata_betas/, nsddata_stimuli/).")]
+SubjectOpt = Annotated[int, typer.Option("--subject", help="NSD subject, 1..8.")]
+DefinitionOpt = Annotated[Optional[Path], typer.Option("--definition", help="Mask definition TOML (default: masks/subjXX.toml).")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; progress stays on stderr.")]
+
+# What the library raises for bad input; OSError covers missing, unreadable and unwritable files.
+_USER_ERRORS = (ValueError, TypeError, OSError)
+
+
+def _emit(result: dict, as_json: bool, title: str) -> None:
+    if as_json:
+        print(json.dumps(result))
+        return
+    stdout_console.print(f"[bold]{title}[/bold]")
+    for key, value in result.items():
+        stdout_console.print(f"  {key}: {value}")
+
+
+@app.command("synth-nsd")
+def synth_nsd(
+    out: Annotated[Path, typer.Argument(help="Folder to write the miniature NSD release into.")],
+    subjects: Annotated[str, typer.Option("--subjects", help="Comma-separated subjects, e.g. 1,2,5,7.")] = "1",
+    images: Annotated[int, typer.Option("--images", help="Images per subject (a tenth are the shared test images).")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice.")] = 0,
+    image_side: Annotated[int, typer.Option("--image-side", help="Side of the square stimuli in pixels.")] = 64,
+    sessions: Annotated[int, typer.Option("--sessions", help="Sessions of a subject who did them all (others have fewer, as in NSD).")] = 4,
+    betas_format: Annotated[str, typer.Option("--betas-format", help="nifti, hdf5 or both.")] = "both",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a miniature NSD in the release layout, with a simulated brain that encodes the images."""
+    from havir.nsd.synth import synthesize_nsd
+
+    try:
+        subject_list = tuple(int(s) for s in subjects.split(","))
+    except ValueError:
+        raise ValueError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
+    with stderr_console.status("writing the synthetic NSD"):
+        truth = synthesize_nsd(
+            out, subject_list, images, seed, image_side=image_side, sessions=sessions, betas_format=betas_format
+        )
+    _emit(truth.to_json() | {"nsd_root": str(out)}, as_json, f"synthetic NSD written to {out}")
+
+
+@masks_app.command("build")
+def masks_build(
+    nsd_root: NSDRootOpt,
+    subject: SubjectOpt,
+    definition: DefinitionOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the NIfTI masks and summary.")] = Path("havir-masks"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Build a subject's structural and semantic masks (NIfTI) and count voxels per ROI."""
+    from havir.io import ensure_output_dir
+    from havir.masks import build_masks, definition_for, save_masks
+    from havir.nsd.layout import NSDLayout
+
+    masks = build_masks(NSDLayout(nsd_root), subject, definition_for(subject, definition))
+    paths = save_masks(masks, ensure_output_dir(out))
+    _emit(masks.summary() | {"files": {k: str(v) for k, v in paths.items()}}, as_json, f"masks of subj{subject:02d}")
+
+
+@masks_app.command("show")
+def masks_show(
+    nsd_root: NSDRootOpt,
+    subject: SubjectOpt,
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
+    definition: DefinitionOpt = None,
+) -> None:
+    """Plot both masks on the subject's brain (nilearn) into a PNG."""
+    from havir.io import ensure_output_dir
+    from havir.masks import build_masks, definition_for, plot_masks
+    from havir.nsd.layout import NSDLayout
+
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out must name a .png file, got {out}")
+    ensure_output_dir(out.parent)
+    layout = NSDLayout(nsd_root)
+    plot_masks(build_masks(layout, subject, definition_for(subject, definition)), layout, out)
+    stdout_console.print(str(out))
+
+
+@app.command()
+def prepare(
+    nsd_root: NSDRootOpt,
+    subject: SubjectOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output folder (receives subjXX.h5 and subjXX.json).")],
+    sessions: Annotated[Optional[int], typer.Option("--sessions", help="Read sessions 1..K (default: all on disk).")] = None,
+    definition: DefinitionOpt = None,
+    betas_format: Annotated[str, typer.Option("--betas-format", help="auto (HDF5 where present), hdf5 or nifti.")] = "auto",
+    captions_dir: Annotated[Optional[Path], typer.Option("--captions-dir", help="Folder with COCO's captions_*2017.json.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Mask, normalise and split one subject's betas into a training-ready file."""
+    from havir.prepare import prepare_subject
+
+    summary = prepare_subject(
+        nsd_root, subject, out, sessions=sessions, definition=definition, betas_format=betas_format,
+        captions_dir=captions_dir, progress=not as_json or sys.stderr.isatty(),
+    )
+    _emit(summary, as_json, f"prepared subj{subject:02d}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app, turning user errors into one line and exit status 2.
+
+    Typer itself reports bad options and usage (exit status 2) and exits after a command.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    if debug:
+        args.remove("--debug")
+    try:
+        app(args=args, prog_name="havir")
+    except _USER_ERRORS as err:
+        if debug:
+            raise
+        stderr_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)

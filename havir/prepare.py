@@ -1,0 +1,289 @@
+"""``havir prepare``: one subject's NSD release -> one training-ready HDF5 file.
+
+What it does, in order: build the subject's structural and semantic masks; read each session's
+betas for the masked voxels only (HDF5 where present, else NIfTI), as percent signal change;
+label each trial with its image (``nsdId``), repetition and split (test iff the image is one of
+the shared images); z-score every voxel with the mean and standard deviation of the *training*
+trials only; join each image's COCO captions; copy the test stimuli, for evaluation.
+
+Memory stays near one session's masked data: sessions stream into the output file, statistics
+are merged session by session, and the z-scoring is a second pass over the file in blocks.
+
+Output, ``OUT/subjXX.h5`` (``n`` = trials of a split, ``v`` = voxels of a set):
+
+=================================  ==========================================================
+``train/structural`` (n, v)        float32 z-scored betas of the structural voxels
+``train/semantic`` (n, v)          float32 z-scored betas of the semantic voxels
+``train/nsd_id`` (n,)              int64 0-based 73k image id of each trial
+``train/repetition`` (n,)          int8 0, 1, 2: which showing of the image
+``train/session`` (n,)             int16 1-based session
+``test/...``                       the same for the test trials
+``test/stimuli`` (m, s, s, 3)      uint8 test images, ascending ``nsdId``
+``test/stimulus_nsd_id`` (m,)      their ids
+``captions/nsd_id``, ``/text``     one row per caption of every image the subject saw
+``voxels/structural`` (v, 3)       (x, y, z) index of each column on the functional grid
+``normalisation/*_mean``, ``_std``  the training statistics used (percent signal change)
+=================================  ==========================================================
+
+plus ``OUT/subjXX.json`` recording the protocol (sessions, counts, mask definition and hash,
+versions).
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+import havir
+from havir.io import atomic_path, ensure_output_dir, write_json
+from havir.masks import build_masks, definition_for
+from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
+from havir.nsd.design import load_design, subject_trials
+from havir.nsd.layout import NSDLayout, check_subject
+from havir.nsd.stimuli import iter_stimuli, read_captions, read_stim_info, stimulus_side
+from havir.progress import track
+
+#: Version of the prepared-file layout; later stages refuse files of another version.
+FORMAT_VERSION = 1
+_SETS = ("structural", "semantic")
+_ROWS_PER_BLOCK = 512  # rows z-scored per block in the second pass
+
+
+@dataclass(frozen=True)
+class PreparedSubject:
+    """One split of a prepared subject, loaded into memory.
+
+    Attributes
+    ----------
+    structural : float32 array (n_trials, n_structural_voxels), z-scored betas.
+    semantic : float32 array (n_trials, n_semantic_voxels), z-scored betas.
+    nsd_id : int64 array (n_trials,), 0-based image id of each trial.
+    repetition : int8 array (n_trials,), which showing (0, 1, 2) of the image.
+    session : int16 array (n_trials,), 1-based session.
+    """
+
+    structural: np.ndarray
+    semantic: np.ndarray
+    nsd_id: np.ndarray
+    repetition: np.ndarray
+    session: np.ndarray
+
+
+def load_split(path: Path, split: str) -> PreparedSubject:
+    """Load the ``"train"`` or ``"test"`` trials of a prepared file."""
+    with h5py.File(path, "r") as h5:
+        version = h5.attrs.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{path} is a prepared file of format {version}, this HAVIR reads format {FORMAT_VERSION}: "
+                "run havir prepare again"
+            )
+        group = h5[split]
+        return PreparedSubject(**{name: group[name][()] for name in PreparedSubject.__dataclass_fields__})
+
+
+def _versions() -> dict[str, str]:
+    versions = {"havir": havir.__version__, "python": platform.python_version()}
+    for package in ("numpy", "h5py", "nibabel", "scipy", "pandas"):
+        versions[package] = metadata.version(package)
+    return versions
+
+
+def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_format: str) -> list[BetasFile]:
+    on_disk = layout.sessions_on_disk(subject)
+    available = len(on_disk)
+    contiguous = 0
+    while contiguous + 1 in on_disk:
+        contiguous += 1
+    wanted = contiguous if sessions is None else sessions
+    if sessions is not None and (sessions < 1 or sessions > contiguous):
+        raise ValueError(
+            f"--sessions {sessions} asks for more sessions than subj{subject:02d} has: sessions 1..{contiguous} "
+            f"are on disk in {layout.betas_dir(subject)} ({available} files in all); pass --sessions 1..{contiguous}"
+        )
+    if contiguous == 0:
+        raise FileNotFoundError(
+            f"subj{subject:02d} has no betas_session01 in {layout.betas_dir(subject)}: sessions must start at 01"
+        )
+    files = []
+    for session in range(1, wanted + 1):
+        formats = on_disk[session]
+        if betas_format == "auto":
+            fmt = "hdf5" if "hdf5" in formats else "nifti"  # HDF5 chunks let us read masked voxels only
+        elif betas_format in formats:
+            fmt = betas_format
+        else:
+            raise FileNotFoundError(
+                f"no {betas_format} betas for session {session:02d} of subj{subject:02d} in "
+                f"{layout.betas_dir(subject)}: use --betas-format auto"
+            )
+        files.append(open_betas(formats[fmt], fmt))
+    return files
+
+
+def _merge_stats(count: int, mean: np.ndarray, m2: np.ndarray, block: np.ndarray):
+    """Chan et al.'s parallel update of a running mean and sum of squared deviations."""
+    n = block.shape[0]
+    if n == 0:
+        return count, mean, m2
+    block = block.astype(np.float64)
+    block_mean = block.mean(axis=0)
+    block_m2 = ((block - block_mean) ** 2).sum(axis=0)
+    total = count + n
+    delta = block_mean - mean
+    mean = mean + delta * (n / total)
+    m2 = m2 + block_m2 + delta**2 * (count * n / total)
+    return total, mean, m2
+
+
+def prepare_subject(
+    nsd_root: Path,
+    subject: int,
+    out: Path,
+    *,
+    sessions: int | None = None,
+    definition: Path | None = None,
+    betas_format: str = "auto",
+    captions_dir: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Prepare one subject; returns the summary that ``havir prepare --json`` prints.
+
+    Parameters
+    ----------
+    nsd_root : folder mirroring the NSD release.
+    subject : NSD subject, 1..8.
+    out : output folder; receives ``subjXX.h5`` and ``subjXX.json``.
+    sessions : read sessions 1..``sessions`` (default: all on disk). The anchors used 37 (a test
+        set of 982 images) or 40 (1000 images); results of the two are not comparable.
+    definition : mask definition TOML (default: ``masks/subjXX.toml``).
+    betas_format : ``"auto"`` (HDF5 where present, else NIfTI), ``"hdf5"`` or ``"nifti"``.
+    captions_dir : folder with COCO's ``captions_*2017.json`` (default: where NSD's code looks).
+    progress : show a progress bar on stderr.
+    """
+    started = time.perf_counter()
+    check_subject(subject)
+    if betas_format not in ("auto", "hdf5", "nifti"):
+        raise ValueError(f"--betas-format must be auto, hdf5 or nifti, got {betas_format!r}")
+    layout = NSDLayout(nsd_root)
+    layout.check_root()
+    mask_definition = definition_for(subject, definition)
+    masks = build_masks(layout, subject, mask_definition)
+    files = _choose_files(layout, subject, sessions, betas_format)
+    for betas in files:
+        if betas.grid != masks.grid:
+            raise ValueError(
+                f"ROI grid {masks.grid} does not match betas grid {betas.grid} of {betas.path.name} for "
+                f"subj{subject:02d}: were the ROIs taken from another subject or resolution (func1pt8mm expected)?"
+            )
+    design = load_design(layout.expdesign)
+    trials = subject_trials(design, subject, [b.n_trials for b in files])
+    stim_info = read_stim_info(layout.stim_info)
+    captions = read_captions(stim_info, trials.nsd_id, captions_dir or layout.annotations_dir)
+    side = stimulus_side(layout.stimuli)
+
+    voxels = {name: masks.voxels(name) for name in _SETS}
+    n_voxels = {name: len(v) for name, v in voxels.items()}
+    both = np.concatenate([voxels["structural"], voxels["semantic"]])
+    split_of = {"train": ~trials.is_test, "test": trials.is_test}
+    n_rows = {split: int(rows.sum()) for split, rows in split_of.items()}
+    stats = {name: (0, np.zeros(n_voxels[name]), np.zeros(n_voxels[name])) for name in _SETS}
+
+    out = ensure_output_dir(Path(out))
+    stem = f"subj{subject:02d}"
+    h5_path = out / f"{stem}.h5"
+    with atomic_path(h5_path) as temporary, h5py.File(temporary, "w") as h5:
+        h5.attrs.update(format_version=FORMAT_VERSION, subject=subject, havir_version=havir.__version__)
+        for split, rows in split_of.items():
+            group = h5.create_group(split)
+            for name in _SETS:
+                chunk_rows = max(1, min(32, n_rows[split]))
+                group.create_dataset(name, (n_rows[split], n_voxels[name]), np.float32, chunks=(chunk_rows, n_voxels[name]))
+            group["nsd_id"] = trials.nsd_id[rows]
+            group["repetition"] = trials.repetition[rows]
+            group["session"] = trials.session[rows]
+        for name in _SETS:
+            h5[f"voxels/{name}"] = voxels[name].astype(np.int16)
+
+        # Pass 1: stream sessions into the file, merging training statistics as they go.
+        written = {"train": 0, "test": 0}
+        first = 0
+        for betas in track(files, f"subj{subject:02d}: reading sessions", enabled=progress):
+            session_betas = read_masked_betas(betas, both)
+            session_rows = slice(first, first + betas.n_trials)
+            first += betas.n_trials
+            for split, rows in split_of.items():
+                selected = session_betas[rows[session_rows]]
+                start, stop = written[split], written[split] + len(selected)
+                for name, columns in (("structural", slice(0, n_voxels["structural"])), ("semantic", slice(n_voxels["structural"], None))):
+                    h5[split][name][start:stop] = selected[:, columns]
+                    if split == "train":
+                        stats[name] = _merge_stats(*stats[name], selected[:, columns])
+                written[split] = stop
+
+        # Pass 2: z-score with the training statistics (test trials never enter them).
+        for name in _SETS:
+            count, mean, m2 = stats[name]
+            std = np.sqrt(m2 / max(count, 1))
+            constant = std == 0
+            std[constant] = 1.0  # a voxel with no variance carries no signal; keep it at 0
+            h5[f"normalisation/{name}_mean"] = mean.astype(np.float32)
+            h5[f"normalisation/{name}_std"] = std.astype(np.float32)
+            h5["normalisation"].attrs[f"{name}_constant_voxels"] = int(constant.sum())
+            for split in split_of:
+                dataset = h5[split][name]
+                for start in range(0, dataset.shape[0], _ROWS_PER_BLOCK):
+                    block = dataset[start : start + _ROWS_PER_BLOCK].astype(np.float64)
+                    dataset[start : start + _ROWS_PER_BLOCK] = ((block - mean) / std).astype(np.float32)
+
+        test_ids = np.unique(trials.nsd_id[trials.is_test])
+        h5.create_dataset("test/stimuli", (len(test_ids), side, side, 3), np.uint8, chunks=(1, side, side, 3))
+        for ids, images in iter_stimuli(layout.stimuli, test_ids):
+            start = int(np.searchsorted(test_ids, ids[0]))
+            h5["test/stimuli"][start : start + len(ids)] = images
+        h5["test/stimulus_nsd_id"] = test_ids
+
+        caption_ids = np.concatenate([[i] * len(captions[i]) for i in sorted(captions)]).astype(np.int64)
+        h5["captions/nsd_id"] = caption_ids
+        h5.create_dataset("captions/text", data=[c for i in sorted(captions) for c in captions[i]], dtype=h5py.string_dtype())
+
+    summary = {
+        "subject": subject,
+        "sessions": len(files),
+        "train_images": int(np.unique(trials.nsd_id[~trials.is_test]).size),
+        "test_images": int(test_ids.size),
+        "train_trials": n_rows["train"],
+        "test_trials": n_rows["test"],
+        "structural_voxels": n_voxels["structural"],
+        "semantic_voxels": n_voxels["semantic"],
+        "betas_formats": sorted({b.fmt for b in files}),
+        "output": str(h5_path),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json(
+        out / f"{stem}.json",
+        summary
+        | {
+            "format_version": FORMAT_VERSION,
+            "protocol": {
+                "sessions_read": list(range(1, len(files) + 1)),
+                "trials_per_session": [b.n_trials for b in files],
+                "test_rule": f"image is one of the {design.n_shared} shared images (sharedix), k <= {design.n_shared}",
+                "normalisation": "per-voxel z-score with mean and std (ddof=0) of the training trials only",
+                "betas_unit": "percent signal change (stored int16 / 300)",
+                "betas": "betas_fithrf_GLMdenoise_RR, func1pt8mm",
+                "note": "results from different session counts (37 vs 40) are not comparable",
+            },
+            "masks": masks.summary() | {"definition_content": mask_definition.to_dict()},
+            "nsd_root": str(Path(nsd_root).resolve()),
+            "stimulus_side": side,
+            "versions": _versions(),
+        },
+    )
+    return summary
