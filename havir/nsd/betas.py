@@ -107,9 +107,11 @@ def _read_nifti(betas: BetasFile, voxels: np.ndarray) -> np.ndarray:
     # nibabel parses the header; the data are streamed here because nibabel's array proxy would
     # either materialise the whole int16 session (1 GB) or re-decompress the gzip stream from the
     # start for every slice. One pass, a block of trial volumes at a time, keeps only masked voxels.
-    header = nib.load(betas.path).header
-    dtype = header.get_data_dtype()
-    slope, inter = header.get_slope_inter()
+    image = nib.load(betas.path)
+    dtype = image.get_data_dtype()
+    # The loaded header's vox_offset and scaling are reset; nibabel's array proxy keeps them.
+    proxy = image.dataobj
+    data_offset, slope, inter = proxy.offset, float(proxy.slope), float(proxy.inter)
     x, y, z = voxels.T
     flat = np.ravel_multi_index((x, y, z), betas.grid, order="F")  # NIfTI data are Fortran order
     volume_bytes = int(np.prod(betas.grid)) * dtype.itemsize
@@ -117,7 +119,7 @@ def _read_nifti(betas: BetasFile, voxels: np.ndarray) -> np.ndarray:
     opener = gzip.open if betas.path.name.endswith(".gz") else open
     try:
         with opener(betas.path, "rb") as stream:
-            stream.seek(int(header["vox_offset"]))
+            stream.seek(data_offset)
             for start in range(0, betas.n_trials, _NIFTI_BLOCK_TRIALS):
                 n = min(_NIFTI_BLOCK_TRIALS, betas.n_trials - start)
                 buffer = stream.read(volume_bytes * n)
@@ -127,9 +129,8 @@ def _read_nifti(betas: BetasFile, voxels: np.ndarray) -> np.ndarray:
                 out[start : start + n] = block[:, flat]
     except (EOFError, OSError, zlib.error) as err:
         raise _corrupt(betas.path, err) from err
-    # nibabel gives (None, None) when the header asks for no scaling, as NSD's do.
-    if slope is not None and (slope, inter) != (1.0, 0.0):
-        out = out.astype(np.float32) * np.float32(slope) + np.float32(inter or 0.0)
+    if (slope, inter) != (1.0, 0.0):  # NSD's files have no scaling; others may
+        out = out.astype(np.float32) * np.float32(slope) + np.float32(inter)
     return out
 
 

@@ -20,7 +20,6 @@ Seeded and deterministic: the same arguments write the same bytes (but for file 
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -67,17 +66,20 @@ class SubjectTruth:
 
 @dataclass
 class SynthTruth:
-    """Ground truth of a synthetic NSD: settings and one :class:`SubjectTruth` per subject."""
+    """Ground truth of a synthetic NSD: settings, the shared (test) images' 0-based ids, and one
+    :class:`SubjectTruth` per subject."""
 
     images_per_subject: int
     shared_images: int
     total_images: int
     image_side: int
     seed: int
-    subjects: dict[int, SubjectTruth]
+    shared_nsd_id: np.ndarray = field(repr=False)
+    subjects: dict[int, SubjectTruth] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k != "subjects"}
+        data = {k: v for k, v in asdict(self).items() if k not in ("subjects", "shared_nsd_id")}
+        data["shared_nsd_id"] = self.shared_nsd_id.tolist()
         data["subjects"] = {f"subj{s:02d}": t.counts() for s, t in self.subjects.items()}
         return data
 
@@ -332,6 +334,7 @@ def synthesize_nsd(
         total_images=n_total,
         image_side=image_side,
         seed=seed,
+        shared_nsd_id=shared,
         subjects=truths,
     )
     write_json(out / "synth_truth.json", truth.to_json())
@@ -411,7 +414,3 @@ def _write_subject(
         roles=roles,
     )
 
-
-def write_truth_json(truth: SynthTruth) -> str:
-    """The ground truth as a JSON string (what ``havir synth-nsd --json`` prints)."""
-    return json.dumps(truth.to_json())

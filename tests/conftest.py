@@ -1,0 +1,53 @@
+"""Shared fixtures: synthetic NSD releases written once per test session."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from havir.cli import main
+from havir.nsd.synth import synthesize_nsd
+
+
+@pytest.fixture(scope="session")
+def two_subject_nsd(tmp_path_factory):
+    """Subjects 1 and 4: different grids, 4 and 3 sessions, NIfTI and HDF5 betas."""
+    root = tmp_path_factory.mktemp("nsd2")
+    truth = synthesize_nsd(root, subjects=(1, 4), images=200, seed=7)
+    return root, truth
+
+
+@pytest.fixture(scope="session")
+def _small_nsd(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nsd_small")
+    truth = synthesize_nsd(root, subjects=(1,), images=40, seed=3, sessions=2)
+    return root, truth
+
+
+@pytest.fixture
+def small_nsd(_small_nsd, tmp_path):
+    """A private copy of a small one-subject release, for tests that damage it."""
+    source, truth = _small_nsd
+    root = tmp_path / "nsd"
+    shutil.copytree(source, root)
+    return root, truth
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Run ``havir`` in-process; returns (exit status, stdout, stderr)."""
+
+    def run(*args: str):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return exit_info.value.code, captured.out, captured.err
+
+    return run
+
+
+def json_of(stdout: str) -> dict:
+    """The one JSON object a ``--json`` command prints."""
+    return json.loads(stdout)
