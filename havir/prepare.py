@@ -173,9 +173,9 @@ def prepare_subject(
         raise ValueError(f"--betas-format must be auto, hdf5 or nifti, got {betas_format!r}")
     layout = NSDLayout(nsd_root)
     layout.check_root()
+    files = _choose_files(layout, subject, sessions, betas_format)
     mask_definition = definition_for(subject, definition)
     masks = build_masks(layout, subject, mask_definition)
-    files = _choose_files(layout, subject, sessions, betas_format)
     for betas in files:
         if betas.grid != masks.grid:
             raise ValueError(

@@ -66,8 +66,9 @@ class SubjectTruth:
 
 @dataclass
 class SynthTruth:
-    """Ground truth of a synthetic NSD: settings, the shared (test) images' 0-based ids, and one
-    :class:`SubjectTruth` per subject."""
+    """Ground truth of a synthetic NSD: settings, the shared (test) images' 0-based ids, each
+    image's content vector (:func:`~havir.nsd.scenes.content_features`, what higher visual
+    voxels encode) and one :class:`SubjectTruth` per subject."""
 
     images_per_subject: int
     shared_images: int
@@ -75,10 +76,11 @@ class SynthTruth:
     image_side: int
     seed: int
     shared_nsd_id: np.ndarray = field(repr=False)
+    content: np.ndarray = field(repr=False)
     subjects: dict[int, SubjectTruth] = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k not in ("subjects", "shared_nsd_id")}
+        data = {k: v for k, v in asdict(self).items() if k not in ("subjects", "shared_nsd_id", "content")}
         data["shared_nsd_id"] = self.shared_nsd_id.tolist()
         data["subjects"] = {f"subj{s:02d}": t.counts() for s, t in self.subjects.items()}
         return data
@@ -335,6 +337,7 @@ def synthesize_nsd(
         image_side=image_side,
         seed=seed,
         shared_nsd_id=shared,
+        content=content,
         subjects=truths,
     )
     write_json(out / "synth_truth.json", truth.to_json())

@@ -1,0 +1,143 @@
+"""Bad input to the command line: one line on stderr, exit status 2, nothing half-written."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from havir.masks import definitions_dir
+from havir.nsd.layout import NSDLayout
+
+
+def prepare_args(root, out, *extra):
+    return ("prepare", "--nsd-root", root, "--subject", 1, "--out", out, "--json", *extra)
+
+
+def assert_user_error(result, *fragments, out=None):
+    status, stdout, stderr = result
+    assert status == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr and stdout == ""
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    if out is not None and out.exists():
+        assert list(out.iterdir()) == [], "output left behind"
+
+
+def replace_volume(path, data, affine=np.eye(4)):
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def test_missing_nsd_root(run_cli, tmp_path):
+    assert_user_error(run_cli(*prepare_args(tmp_path / "nowhere", tmp_path / "out")), "NSD root", "does not exist")
+
+
+def test_missing_file_is_named(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    NSDLayout(root).expdesign.unlink()
+    assert_user_error(run_cli(*prepare_args(root, tmp_path / "out")), "nsd_expdesign.mat", out=tmp_path / "out")
+
+
+def test_subject_without_data(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    result = run_cli("prepare", "--nsd-root", root, "--subject", 2, "--out", tmp_path / "out")
+    assert_user_error(result, "no betas for subj02")
+
+
+def test_subject_outside_nsd(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    assert_user_error(run_cli("prepare", "--nsd-root", root, "--subject", 9, "--out", tmp_path), "one of 1..8")
+
+
+def test_sessions_beyond_what_exists(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    assert_user_error(run_cli(*prepare_args(root, tmp_path / "out", "--sessions", 5)), "--sessions 5", "1..2")
+
+
+def test_roi_grid_differs_from_betas_grid(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    layout = NSDLayout(root)
+    for atlas in ("nsdgeneral", "prf-visualrois", "streams", "floc-faces", "floc-bodies", "floc-places", "floc-words"):
+        labels = np.asanyarray(nib.load(layout.roi_file(1, atlas)).dataobj)
+        replace_volume(layout.roi_file(1, atlas), np.pad(labels, ((0, 1), (0, 0), (0, 0)), constant_values=-1))
+    assert_user_error(run_cli(*prepare_args(root, tmp_path / "out")), "ROI grid", "does not match betas grid", "func1pt8mm")
+
+
+def test_nan_betas(run_cli, small_nsd, tmp_path):
+    root, truth = small_nsd
+    path = NSDLayout(root).betas_file(1, 1, "nifti")
+    volume = np.asanyarray(nib.load(path).dataobj).astype(np.float32)
+    volume[np.unravel_index(np.argmax(truth.subjects[1].roles == 2), volume.shape[:3])] = np.inf
+    replace_volume(path, volume)
+    result = run_cli(*prepare_args(root, tmp_path / "out", "--betas-format", "nifti"))
+    assert_user_error(result, "NaN or inf", "betas_session01.nii.gz", out=tmp_path / "out")
+
+
+def test_truncated_nifti(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    path = NSDLayout(root).betas_file(1, 2, "nifti")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
+    result = run_cli(*prepare_args(root, tmp_path / "out", "--betas-format", "nifti"))
+    assert_user_error(result, "betas_session02.nii.gz is truncated or corrupt", out=tmp_path / "out")
+
+
+def test_corrupt_hdf5(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    path = NSDLayout(root).betas_file(1, 1, "hdf5")
+    path.write_bytes(path.read_bytes()[:4096])
+    assert_user_error(run_cli(*prepare_args(root, tmp_path / "out")), "betas_session01.hdf5 is truncated or corrupt")
+
+
+def test_mask_that_selects_nothing(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    path = NSDLayout(root).roi_file(1, "prf-visualrois")
+    image = nib.load(path)
+    replace_volume(path, np.zeros(image.shape, np.int16), image.affine)
+    result = run_cli("masks", "build", "--nsd-root", root, "--subject", 1, "--out", tmp_path / "masks")
+    assert_user_error(result, "structural set", "selects no voxels", out=tmp_path / "masks")
+
+
+def test_unknown_label_in_definition(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    definition = tmp_path / "typo.toml"
+    definition.write_text(
+        f'extends = "{definitions_dir() / "default.toml"}"\n[[semantic]]\natlas = "floc-faces"\nlabels = ["FFA"]\n'
+    )
+    result = run_cli(*prepare_args(root, tmp_path / "out", "--definition", definition))
+    assert_user_error(result, "floc-faces has no label 'FFA'", "FFA-1")
+
+
+def test_output_folder_not_writable(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert_user_error(run_cli(*prepare_args(root, blocker / "out")), "is not writable")
+
+
+def test_bad_option_value(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    assert_user_error(run_cli(*prepare_args(root, tmp_path / "out", "--betas-format", "mat")), "--betas-format")
+
+
+def test_synth_refuses_too_few_images(run_cli, tmp_path):
+    assert_user_error(run_cli("synth-nsd", tmp_path / "nsd", "--images", 5), "at least 20")
+
+
+def test_debug_shows_the_traceback(small_nsd, tmp_path):
+    from havir.cli import main
+
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", *map(str, prepare_args(tmp_path / "nowhere", tmp_path / "out"))])
+
+
+def test_masks_build_and_show(run_cli, small_nsd, tmp_path):
+    root, _ = small_nsd
+    status, stdout, _ = run_cli("masks", "build", "--nsd-root", root, "--subject", 1, "--out", tmp_path, "--json")
+    assert status == 0
+    summary = json.loads(stdout)
+    assert summary["overlap_voxels"] == 0 and summary["structural_voxels"] == sum(summary["roi_counts"]["structural"].values())
+    png = tmp_path / "subj01.png"
+    status, _, _ = run_cli("masks", "show", "--nsd-root", root, "--subject", 1, "--out", png)
+    assert status == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
