@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from havir.progress import stderr_console
 
@@ -39,12 +40,16 @@ _USER_ERRORS = (ValueError, TypeError, OSError)
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
+    """Print a command's result: one JSON object with ``--json``, else a table for people."""
     if as_json:
         print(json.dumps(result))
         return
-    stdout_console.print(f"[bold]{title}[/bold]")
+    table = Table(title=title, show_header=False, title_justify="left")
     for key, value in result.items():
-        stdout_console.print(f"  {key}: {value}")
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}: {v}" for k, v in value.items())
+        table.add_row(key, str(value))
+    stdout_console.print(table)
 
 
 @app.command("synth-nsd")
@@ -87,7 +92,16 @@ def masks_build(
 
     masks = build_masks(NSDLayout(nsd_root), subject, definition_for(subject, definition))
     paths = save_masks(masks, ensure_output_dir(out))
-    _emit(masks.summary() | {"files": {k: str(v) for k, v in paths.items()}}, as_json, f"masks of subj{subject:02d}")
+    summary = masks.summary() | {"files": {k: str(v) for k, v in paths.items()}}
+    if as_json:
+        _emit(summary, as_json, "")
+        return
+    rois = Table("set", "atlas/label", "voxels", title=f"subj{subject:02d} voxels per ROI (inside {masks.definition.within.atlas})")
+    for which, counts in summary.pop("roi_counts").items():
+        for roi, count in counts.items():
+            rois.add_row(which, roi, str(count))
+    stdout_console.print(rois)
+    _emit(summary, as_json, f"masks of subj{subject:02d}")
 
 
 @masks_app.command("show")

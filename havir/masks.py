@@ -299,6 +299,10 @@ def plot_masks(masks: SubjectMasks, layout: NSDLayout, out_png: Path) -> Path:
         background = nib.Nifti1Image(brain.astype(np.float32), masks.affine)
     labels = masks.structural.astype(np.int16) + 2 * masks.semantic.astype(np.int16)
     roi = nib.Nifti1Image(labels, masks.affine)
+    # Axial slices through the masks, not through the whole head.
+    slices = np.unique(np.nonzero(labels)[2])
+    picked = slices[np.linspace(0, len(slices) - 1, min(6, len(slices))).round().astype(int)]
+    cut_coords = [float((masks.affine @ [0, 0, z, 1])[2]) for z in picked]
     display = plotting.plot_roi(
         roi,
         bg_img=background,
@@ -306,7 +310,8 @@ def plot_masks(masks: SubjectMasks, layout: NSDLayout, out_png: Path) -> Path:
         vmin=1,
         vmax=2,
         display_mode="z",
-        cut_coords=6,
+        cut_coords=cut_coords,
+        colorbar=False,
         draw_cross=False,
         black_bg=True,
         title=(
