@@ -34,10 +34,22 @@ def test_missing_nsd_root(run_cli, tmp_path):
     assert_user_error(run_cli(*prepare_args(tmp_path / "nowhere", tmp_path / "out")), "NSD root", "does not exist")
 
 
-def test_missing_file_is_named(run_cli, small_nsd, tmp_path):
+@pytest.mark.parametrize(
+    "path_of",
+    [
+        lambda layout: layout.expdesign,
+        lambda layout: layout.stim_info,
+        lambda layout: layout.stimuli,
+        lambda layout: layout.annotations_dir / "captions_val2017.json",
+        lambda layout: layout.roi_file(1, "streams"),
+    ],
+    ids=["design", "stimulus-table", "stimuli", "captions", "roi"],
+)
+def test_missing_file_is_named(run_cli, small_nsd, tmp_path, path_of):
     root, _ = small_nsd
-    NSDLayout(root).expdesign.unlink()
-    assert_user_error(run_cli(*prepare_args(root, tmp_path / "out")), "nsd_expdesign.mat", out=tmp_path / "out")
+    missing = path_of(NSDLayout(root))
+    missing.unlink()
+    assert_user_error(run_cli(*prepare_args(root, tmp_path / "out")), str(missing), out=tmp_path / "out")
 
 
 def test_subject_without_data(run_cli, small_nsd, tmp_path):
