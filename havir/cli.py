@@ -33,10 +33,12 @@ stdout_console = Console(soft_wrap=True)
 NSDRootOpt = Annotated[Path, typer.Option("--nsd-root", help="Folder mirroring the NSD release (holds nsddata/, nsddata_betas/, nsddata_stimuli/).")]
 SubjectOpt = Annotated[int, typer.Option("--subject", help="NSD subject, 1..8.")]
 DefinitionOpt = Annotated[Optional[Path], typer.Option("--definition", help="Mask definition TOML (default: masks/subjXX.toml).")]
+VDOpt = Annotated[str, typer.Option("--vd", help="Versatile Diffusion: a local folder, a hub id (via the HF cache), tiny or full-random.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; progress stays on stderr.")]
 
-# What the library raises for bad input; OSError covers missing, unreadable and unwritable files.
-_USER_ERRORS = (ValueError, TypeError, OSError)
+# What the library raises for bad input; OSError covers missing, unreadable and unwritable files,
+# MemoryError a batch too large for the GPU.
+_USER_ERRORS = (ValueError, TypeError, OSError, MemoryError)
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
@@ -143,6 +145,27 @@ def prepare(
         captions_dir=captions_dir, progress=not as_json or sys.stderr.isatty(),
     )
     _emit(summary, as_json, f"prepared subj{subject:02d}")
+
+
+@app.command()
+def features(
+    data: Annotated[Path, typer.Option("--data", help="Folder written by havir prepare.")],
+    subject: SubjectOpt,
+    vd: VDOpt = "shi-labs/versatile-diffusion",
+    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 16,
+    stimuli: Annotated[Optional[Path], typer.Option("--stimuli", help="nsd_stimuli.hdf5, if not under the NSD root prepare read.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compute and cache the training targets: VAE latents, CLIP image tokens, CLIP text tokens."""
+    from havir.features import compute_features
+
+    summary = compute_features(
+        data, subject, model=vd, device=device, dtype=dtype, batch_size=batch_size, stimuli=stimuli,
+        progress=not as_json or sys.stderr.isatty(),
+    )
+    _emit(summary, as_json, f"features of subj{subject:02d}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,235 @@
+"""Training targets from Versatile Diffusion's own encoders, and ``havir features``.
+
+For each image a subject saw, three targets (the paper's two pathways):
+
+* **VAE latent** (Structural Generator's target): ``vae.encode(2x - 1).latent_dist.mode()``
+  times the VAE's scaling factor, on the stimulus resized to 512x512 -> (4, 64, 64) (the
+  ``tiny`` model works at 128x128 -> (4, 16, 16), to stay fast on a CPU).
+* **CLIP image tokens** (Semantic Extractor): the vision encoder's 257 tokens after its final
+  LayerNorm and projection, each divided by the norm of the class token -> (257, D).
+* **CLIP text tokens**: the text encoder's 77 projected tokens, each divided by the norm of the
+  pooled token; averaged over the image's COCO captions -> (77, D).
+
+The normalisations are exactly those of ``VersatileDiffusionDualGuidedPipeline``
+(``_encode_image_prompt``, ``_encode_text_prompt``); a test proves equality on the ``tiny`` model.
+Images go in as uint8 (or PIL): CLIP's processor rescales by 1/255 itself, so float images in
+[0, 1] would be rescaled twice (a bug public reproductions shipped).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.image_processor import VaeImageProcessor
+
+from havir.io import atomic_path
+from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion, load_versatile_diffusion
+from havir.nsd.layout import check_subject
+from havir.nsd.stimuli import iter_stimuli
+from havir.prepare import FORMAT_VERSION as PREPARED_FORMAT
+from havir.progress import track
+
+FEATURES_FORMAT = 1
+
+Images = np.ndarray | Sequence[PIL.Image.Image]
+
+
+def _as_pil(images: Images) -> list[PIL.Image.Image]:
+    if isinstance(images, np.ndarray):
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+            raise TypeError(f"images must be uint8 of shape (n, height, width, 3), got {images.dtype} {images.shape}")
+        return [PIL.Image.fromarray(image) for image in images]
+    return [image.convert("RGB") for image in images]
+
+
+@torch.no_grad()
+def encode_vae_latents(vd: VersatileDiffusion, images: Images) -> torch.Tensor:
+    """VAE latents of ``images`` (uint8 (n, h, w, 3) or PIL) resized to ``vd.image_side``:
+    float (n, 4, side / 8, side / 8), i.e. (n, 4, 64, 64) for the released model."""
+    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vd.vae.config.block_out_channels) - 1))
+    pixels = processor.preprocess(_as_pil(images), height=vd.image_side, width=vd.image_side)  # in [-1, 1]
+    pixels = pixels.to(device=vd.device, dtype=vd.vae.dtype)
+    return vd.vae.encode(pixels).latent_dist.mode() * vd.vae.config.scaling_factor
+
+
+@torch.no_grad()
+def encode_clip_images(vd: VersatileDiffusion, images: Images) -> torch.Tensor:
+    """CLIP image tokens as Versatile Diffusion conditions on them: float (n, 257, D)."""
+    pixels = vd.image_processor(images=_as_pil(images), return_tensors="pt").pixel_values
+    encoder = vd.image_encoder
+    hidden = encoder(pixels.to(device=encoder.device, dtype=encoder.dtype)).last_hidden_state
+    tokens = encoder.visual_projection(encoder.vision_model.post_layernorm(hidden))
+    return tokens / torch.norm(tokens[:, 0:1], dim=-1, keepdim=True)
+
+
+@torch.no_grad()
+def encode_clip_texts(vd: VersatileDiffusion, texts: Sequence[str]) -> torch.Tensor:
+    """CLIP text tokens as Versatile Diffusion conditions on them: float (n, 77, D)."""
+    ids = vd.tokenizer(
+        list(texts), padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
+    ).input_ids
+    output = vd.text_encoder(ids.to(vd.text_encoder.device))
+    tokens = vd.text_encoder.text_projection(output.last_hidden_state)
+    return tokens / torch.norm(output.text_embeds.unsqueeze(1), dim=-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """What a features cache was computed with; a cache is resumed only with equal settings."""
+
+    model: str
+    dtype: str
+    seed: int
+
+
+def _dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"--dtype must be auto, fp32, bf16 or fp16, got {name!r}")
+    return table[name]
+
+
+def features_path(data: Path, subject: int) -> Path:
+    return Path(data) / f"subj{subject:02d}_features.h5"
+
+
+def _read_prepared(data: Path, subject: int) -> tuple[np.ndarray, dict[int, list[str]], Path]:
+    """All images the subject saw (sorted), their captions, and the NSD stimuli file."""
+    prepared = Path(data) / f"subj{subject:02d}.h5"
+    meta_path = Path(data) / f"subj{subject:02d}.json"
+    if not prepared.is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
+    meta = json.loads(meta_path.read_text())
+    with h5py.File(prepared, "r") as h5:
+        if h5.attrs.get("format_version") != PREPARED_FORMAT:
+            raise ValueError(
+                f"{prepared} was written by another HAVIR version (format {h5.attrs.get('format_version')}, "
+                f"this one reads {PREPARED_FORMAT}): run `havir prepare` again"
+            )
+        nsd_ids = np.union1d(h5["train/nsd_id"][()], h5["test/nsd_id"][()])
+        caption_ids = h5["captions/nsd_id"][()]
+        texts = h5["captions/text"].asstr()[()]
+    captions: dict[int, list[str]] = {}
+    for image, text in zip(caption_ids.tolist(), texts):
+        captions.setdefault(image, []).append(text)
+    stimuli = Path(meta["nsd_root"]) / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
+    return nsd_ids, captions, stimuli
+
+
+def compute_features(
+    data: Path,
+    subject: int,
+    *,
+    model: str = "shi-labs/versatile-diffusion",
+    device: str = "auto",
+    dtype: str = "auto",
+    batch_size: int = 16,
+    seed: int = 0,
+    stimuli: Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Compute and cache the targets of every image ``subject`` saw; returns the summary.
+
+    The cache ``DATA/subjXX_features.h5`` holds ``nsd_id`` (n,), ``vae_latents`` (n, 4, 64, 64),
+    ``clip_image`` (n, 257, D) and ``clip_text`` (n, 77, D), all float16, rows in ascending
+    ``nsdId``. Work goes batch by batch into ``subjXX_features.h5.partial``; an interrupted run
+    continues from the last finished batch (same settings) and the file is renamed when done.
+
+    Parameters
+    ----------
+    data : folder written by ``havir prepare``.
+    subject : NSD subject, 1..8.
+    model : Versatile Diffusion to use (see :func:`~havir.models.versatile.load_versatile_diffusion`).
+    device : ``"auto"`` (CUDA when available), ``"cuda"`` or ``"cpu"``.
+    dtype : ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
+    batch_size : images per forward pass; lower it if the GPU runs out of memory.
+    seed : seed of the random weights of the built-in models.
+    stimuli : ``nsd_stimuli.hdf5`` (default: the one under the NSD root ``prepare`` read).
+    """
+    started = time.perf_counter()
+    check_subject(subject)
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    nsd_ids, captions, default_stimuli = _read_prepared(data, subject)
+    stimuli = Path(stimuli) if stimuli is not None else default_stimuli
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    torch_dtype = _dtype(dtype, torch_device)
+    settings = FeatureSettings(model=str(model), dtype=str(torch_dtype).removeprefix("torch."), seed=seed)
+    final = features_path(data, subject)
+    partial = final.with_name(final.name + ".partial")
+    if final.is_file():
+        with h5py.File(final, "r") as h5:
+            cached = h5.attrs.get("settings") == json.dumps(settings.__dict__) and np.array_equal(h5["nsd_id"][()], nsd_ids)
+        if cached:
+            return _summary(subject, nsd_ids, len(nsd_ids), settings, torch_device, final, started)
+    vd = load_versatile_diffusion(model, device=torch_device, dtype=torch_dtype, seed=seed)
+    latent_side = vd.image_side // 2 ** (len(vd.vae.config.block_out_channels) - 1)
+    latent_shape = (vd.vae.config.latent_channels, latent_side, latent_side)
+    dim = vd.embedding_dim
+    n_image_tokens = (vd.image_encoder.config.image_size // vd.image_encoder.config.patch_size) ** 2 + 1
+
+    with h5py.File(partial, "a") as h5:
+        if h5.attrs.get("settings") != json.dumps(settings.__dict__) or not np.array_equal(h5.get("nsd_id", []), nsd_ids):
+            for name in list(h5):
+                del h5[name]
+            h5.attrs.update(settings=json.dumps(settings.__dict__), format_version=FEATURES_FORMAT, subject=subject)
+            h5["nsd_id"] = nsd_ids
+            h5.create_dataset("vae_latents", (len(nsd_ids), *latent_shape), np.float16, chunks=(1, *latent_shape))
+            h5.create_dataset("clip_image", (len(nsd_ids), n_image_tokens, dim), np.float16, chunks=(1, n_image_tokens, dim))
+            h5.create_dataset("clip_text", (len(nsd_ids), TEXT_TOKENS, dim), np.float16, chunks=(1, TEXT_TOKENS, dim))
+            h5.create_dataset("done", (len(nsd_ids),), bool, fillvalue=False)
+        todo = nsd_ids[~h5["done"][()]]
+        resumed = len(nsd_ids) - len(todo)
+        batches = iter_stimuli(stimuli, todo, block=batch_size)
+        n_batches = -(-len(todo) // batch_size)
+        for ids, images in track(batches, f"subj{subject:02d}: features", total=n_batches, enabled=progress):
+            rows = np.searchsorted(nsd_ids, ids)
+            try:
+                latents = encode_vae_latents(vd, images)
+                image_tokens = encode_clip_images(vd, images)
+                texts = [text for image in ids.tolist() for text in captions[image]]
+                text_tokens = encode_clip_texts(vd, texts)
+            except torch.cuda.OutOfMemoryError as err:
+                raise MemoryError(
+                    f"the GPU ran out of memory at batch size {batch_size}: try --batch-size {max(1, batch_size // 2)}"
+                ) from err
+            counts = torch.tensor([len(captions[image]) for image in ids.tolist()], device=text_tokens.device)
+            owner = torch.repeat_interleave(torch.arange(len(ids), device=text_tokens.device), counts)
+            text_mean = torch.zeros(len(ids), *text_tokens.shape[1:], device=text_tokens.device, dtype=torch.float32)
+            text_mean.index_add_(0, owner, text_tokens.float())
+            text_mean /= counts.view(-1, 1, 1)
+            block = rows.tolist()  # ascending, as h5py's fancy indexing requires
+            h5["vae_latents"][block] = latents.float().cpu().numpy().astype(np.float16)
+            h5["clip_image"][block] = image_tokens.float().cpu().numpy().astype(np.float16)
+            h5["clip_text"][block] = text_mean.cpu().numpy().astype(np.float16)
+            h5["done"][block] = True
+            h5.flush()
+    with atomic_path(final) as temporary:
+        partial.replace(temporary)
+    return _summary(subject, nsd_ids, resumed, settings, torch_device, final, started)
+
+
+def _summary(subject, nsd_ids, resumed, settings, device, path, started) -> dict:
+    with h5py.File(path, "r") as h5:
+        shapes = {name: list(h5[name].shape[1:]) for name in ("vae_latents", "clip_image", "clip_text")}
+    return {
+        "subject": subject,
+        "images": int(len(nsd_ids)),
+        "resumed_from": int(resumed),
+        "model": settings.model,
+        "device": str(device),
+        "dtype": settings.dtype,
+        "shapes": shapes,
+        "output": str(path),
+        "seconds": round(time.perf_counter() - started, 3),
+    }

@@ -1,0 +1,1 @@
+"""Models: Versatile Diffusion's components (the backbone) and HAVIR's decoders."""

@@ -1,0 +1,78 @@
+"""Compatibility with diffusers' deprecated Versatile Diffusion code, in one place.
+
+Versatile Diffusion lives in ``diffusers.pipelines.deprecated.versatile_diffusion`` and has
+bit-rotted there (checked on diffusers 0.42.1). Each work-around below is tested in
+``tests/models/test_compat.py`` together with the upstream behaviour it works around, so the
+tests fail loudly when upstream changes and a work-around can go.
+
+1. ``DualTransformer2DModel.forward`` rejects the ``encoder_attention_mask`` argument that the
+   UNet's cross-attention blocks now pass (diffusers issue 13651), so a dual-guided UNet cannot
+   run a forward pass. :func:`make_dual_unet` gives its dual transformers a forward that accepts
+   the argument (Versatile Diffusion never masks its condition tokens, so only ``None`` is valid).
+2. A pipeline folder whose ``model_index.json`` names ``UNetFlatConditionModel`` cannot be loaded
+   by ``DiffusionPipeline.from_pretrained``: the class is found neither in ``diffusers`` nor in
+   ``diffusers.pipelines.versatile_diffusion``. HAVIR loads every component by its own class
+   (:mod:`havir.models.versatile`); :func:`register_legacy_module` also makes the legacy module
+   path resolve, for users who load such folders with diffusers directly.
+"""
+
+from __future__ import annotations
+
+import sys
+from types import SimpleNamespace
+
+from diffusers.models import DualTransformer2DModel, UNet2DConditionModel
+from transformers.utils import logging as transformers_logging
+
+# Importing the deprecated pipeline makes transformers warn that its fast image processor needs
+# torchvision; HAVIR uses the PIL one (CLIPImageProcessorPil), so the warning is noise.
+transformers_logging.set_verbosity_error()
+from diffusers.pipelines.deprecated import versatile_diffusion as _deprecated_vd
+from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
+from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+
+__all__ = ["UNetFlatConditionModel", "make_dual_unet", "register_legacy_module", "set_text_share"]
+
+
+class _MaskTolerantDualTransformer(DualTransformer2DModel):
+    """A ``DualTransformer2DModel`` whose forward accepts ``encoder_attention_mask=None``."""
+
+    def forward(self, hidden_states, encoder_hidden_states, *args, encoder_attention_mask=None, **kwargs):
+        if encoder_attention_mask is not None:
+            raise ValueError("Versatile Diffusion's dual transformer does not mask its condition tokens")
+        return super().forward(hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def make_dual_unet(image_unet: UNet2DConditionModel, text_unet: UNetFlatConditionModel) -> UNet2DConditionModel:
+    """Turn ``image_unet`` (in place) into Versatile Diffusion's dual-guided UNet.
+
+    Each ``Transformer2DModel`` becomes a dual transformer holding the image UNet's transformer
+    (for the 257 image tokens) and the text UNet's matching one (for the 77 text tokens). The
+    conversion is upstream's own (the pipeline method only reads ``image_unet`` and
+    ``text_unet``); the dual transformers then get the mask-tolerant forward.
+    """
+    VersatileDiffusionDualGuidedPipeline._convert_to_dual_attention(SimpleNamespace(image_unet=image_unet, text_unet=text_unet))
+    for module in image_unet.modules():
+        if type(module) is DualTransformer2DModel:
+            module.__class__ = _MaskTolerantDualTransformer
+    return image_unet
+
+
+def set_text_share(dual_unet: UNet2DConditionModel, text_share: float, text_tokens: int = 77, image_tokens: int = 257) -> None:
+    """Set how much each dual transformer takes from the text condition (``mix_ratio``).
+
+    Output = text * ``text_share`` + image * (1 - ``text_share``) + input, with the condition
+    tokens ordered [text | image]: the pipeline's ``text_to_image_strength``.
+    """
+    if not 0.0 <= text_share <= 1.0:
+        raise ValueError(f"text share must be in [0, 1], got {text_share}")
+    for module in dual_unet.modules():
+        if isinstance(module, DualTransformer2DModel):
+            module.mix_ratio = text_share
+            module.condition_lengths = [text_tokens, image_tokens]
+            module.transformer_index_for_condition = [1, 0]  # text tokens -> text transformer
+
+
+def register_legacy_module() -> None:
+    """Make ``diffusers.pipelines.versatile_diffusion`` resolve to the deprecated module."""
+    sys.modules.setdefault("diffusers.pipelines.versatile_diffusion", _deprecated_vd)
