@@ -28,6 +28,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/bench_prepare.py
+	$(BIN)/python bench/bench_features.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

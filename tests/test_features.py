@@ -137,3 +137,20 @@ def test_features_with_an_incomplete_model_folder(run_cli, prepared, tmp_path):
     (tmp_path / "vd" / "vae").mkdir(parents=True)
     status, _, stderr = run_cli("features", "--data", prepared, "--subject", 1, "--vd", tmp_path / "vd")
     assert status == 2 and "lacks tokenizer" in stderr
+
+
+def test_prepared_file_of_another_version(run_cli, prepared):
+    with h5py.File(prepared / "subj01.h5", "r+") as h5:
+        h5.attrs["format_version"] = 99
+    status, _, stderr = run_cli("features", "--data", prepared, "--subject", 1, "--vd", "tiny")
+    assert status == 2 and "format 99" in stderr and "run `havir prepare` again" in stderr
+
+
+def test_out_of_gpu_memory_names_a_batch_size(run_cli, prepared, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(havir.features, "encode_vae_latents", out_of_memory)
+    status, _, stderr = run_cli("features", "--data", prepared, "--subject", 1, "--vd", "tiny", "--batch-size", 32)
+    assert status == 2 and "try --batch-size 16" in stderr
+    assert not features_path(prepared, 1).exists()

@@ -1,0 +1,145 @@
+"""Benchmark: training-target throughput (``havir features``) against its FLOP floor.
+
+For batches of synthetic 425x425 stimuli with five captions each, times the three encoders that
+``havir features`` runs per image (VAE latent at the model's image side, CLIP image tokens, CLIP
+text tokens for five captions), separately and together, after a warm-up, with synchronised
+timers. Next to each: the FLOPs one image costs (counted by ``torch.utils.flop_counter``) and
+the floor those FLOPs set at the matrix-multiply rate measured in the same run (bf16 on CUDA,
+fp32 on CPU). The CPU-side preprocessing (PIL resizes in the VAE and CLIP processors) is timed
+on its own, since on a GPU it can become the bottleneck.
+
+    python bench/bench_features.py [--model tiny|full-random] [--device auto] [--dtype auto]
+                                   [--batch-sizes 16,64] [--repeats 3]
+
+Writes ``bench/results/features-<model>-<device>-<date>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import havir
+from havir.features import _as_pil, _dtype, encode_clip_images, encode_clip_texts, encode_vae_latents
+from havir.io import write_json
+from havir.models.versatile import load_versatile_diffusion
+
+CAPTIONS_PER_IMAGE = 5
+STIMULUS_SIDE = 425  # NSD's stimuli
+
+
+def synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(function, device: torch.device, repeats: int) -> float:
+    """Best wall time of ``repeats`` calls after one warm-up call, synchronised on CUDA."""
+    function()
+    synchronise(device)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronise(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matrix-multiply rate in FLOP/s: the ceiling the floors are drawn against."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    seconds = timed(lambda: a @ b, device, repeats=5)
+    return 2 * n**3 / seconds
+
+
+def flops_per_image(stage, images, texts) -> int:
+    with FlopCounterMode(display=False) as counter:
+        stage(images[:1], texts[:CAPTIONS_PER_IMAGE])
+    return counter.get_total_flops()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch-sizes", default="16,64")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    dtype = _dtype(args.dtype, device)
+    vd = load_versatile_diffusion(args.model, device=device, dtype=dtype)
+    rng = np.random.default_rng(0)
+    largest = max(int(b) for b in args.batch_sizes.split(","))
+    images = rng.integers(0, 256, size=(largest, STIMULUS_SIDE, STIMULUS_SIDE, 3), dtype=np.uint8)
+    texts = [f"A photo of {i} red balls and a blue car on a beach at night." for i in range(largest * CAPTIONS_PER_IMAGE)]
+
+    stages = {
+        "vae_latents": lambda im, tx: encode_vae_latents(vd, im),
+        "clip_image": lambda im, tx: encode_clip_images(vd, im),
+        "clip_text": lambda im, tx: encode_clip_texts(vd, tx),
+    }
+    stages["all"] = lambda im, tx: [stage(im, tx) for name, stage in stages.items() if name != "all"]
+    rate = matmul_rate(device, dtype)
+    flops = {name: flops_per_image(stage, images, texts) for name, stage in stages.items()}
+
+    results = {}
+    for batch_size in (int(b) for b in args.batch_sizes.split(",")):
+        batch, batch_texts = images[:batch_size], texts[: batch_size * CAPTIONS_PER_IMAGE]
+        row = {}
+        for name, stage in stages.items():
+            seconds = timed(lambda: stage(batch, batch_texts), device, args.repeats)
+            floor = flops[name] * batch_size / rate
+            row[name] = {
+                "seconds_per_batch": seconds,
+                "images_per_second": batch_size / seconds,
+                "floor_seconds_per_batch": floor,
+                "fraction_of_floor": floor / seconds,
+            }
+        row["cpu_preprocessing_seconds_per_batch"] = timed(
+            lambda: (vd.image_processor(images=_as_pil(batch), return_tensors="pt"), _as_pil(batch)), torch.device("cpu"), args.repeats
+        )
+        results[str(batch_size)] = row
+        all_rate = row["all"]["images_per_second"]
+        print(
+            f"batch {batch_size:4d}: {all_rate:8.1f} images/s (all targets), floor {batch_size / row['all']['floor_seconds_per_batch']:9.1f} "
+            f"images/s; 10,000 images in {10_000 / all_rate / 60:.1f} min"
+        )
+        for name in ("vae_latents", "clip_image", "clip_text"):
+            print(f"    {name:12s} {row[name]['images_per_second']:9.1f} images/s  ({row[name]['fraction_of_floor']:.0%} of the FLOP floor)")
+
+    result = {
+        "benchmark": "features: training-target throughput",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+        "versions": {"havir": havir.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        "settings": {
+            "model": args.model, "dtype": str(dtype), "image_side": vd.image_side, "stimulus_side": STIMULUS_SIDE,
+            "captions_per_image": CAPTIONS_PER_IMAGE, "repeats": args.repeats, "timer": "best of repeats after a warm-up, synchronised",
+        },
+        "matmul_flops_per_second": rate,
+        "flops_per_image": flops,
+        "by_batch_size": results,
+    }
+    tag = "cuda" if device.type == "cuda" else "cpu"
+    out = args.out or Path(__file__).parent / "results" / f"features-{args.model}-{tag}-{datetime.date.today()}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    print(f"results: {out}")
+
+
+if __name__ == "__main__":
+    main()
