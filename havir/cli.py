@@ -168,6 +168,27 @@ def features(
     _emit(summary, as_json, f"features of subj{subject:02d}")
 
 
+@app.command()
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Folder written by havir prepare and havir features.")],
+    subject: SubjectOpt,
+    out: Annotated[Path, typer.Option("--out", help="Run folder (an unfinished run there is resumed).")],
+    vd: VDOpt = "shi-labs/versatile-diffusion",
+    config: Annotated[Optional[Path], typer.Option("--config", help="Training settings (TOML); see havir.train.TrainConfig.")] = None,
+    model: Annotated[str, typer.Option("--model", help="havir (both decoders) or ridge (the baseline).")] = "havir",
+    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the Structural Generator and the Semantic Extractor (or the ridge baseline)."""
+    from havir.train import TrainConfig, train_subject
+
+    settings = TrainConfig.from_toml(config) if config else TrainConfig()
+    summary = train_subject(
+        data, subject, out, model=model, config=settings, device=device, progress=not as_json or sys.stderr.isatty()
+    ) | {"vd": vd}
+    _emit(summary, as_json, f"trained subj{subject:02d} ({model})")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2.
 

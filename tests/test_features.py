@@ -65,7 +65,7 @@ def test_vae_latents_follow_the_definition(tiny, images):
     pixels = np.stack([np.asarray(PIL.Image.fromarray(i).resize((side, side), PIL.Image.LANCZOS)) for i in images])
     x = torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255.0
     with torch.no_grad():
-        expected = tiny.vae.encode(2 * x - 1).latent_dist.mode() * 0.18215
+        expected = tiny.vae.encode(2 * x - 1).latent_dist.mode() * tiny.vae.config.scaling_factor
     got = encode_vae_latents(tiny, images)
     assert got.shape == (3, 4, side // 8, side // 8)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

@@ -1,0 +1,167 @@
+"""HAVIR's two decoders: voxels -> Versatile Diffusion's conditioning.
+
+* :class:`StructuralGenerator`: early visual (structural) voxels -> a VAE latent (4x64x64 for
+  the released VAE; the shape is a setting that follows the VAE in use). [paper] linear
+  projection, LayerNorm, SiLU, Dropout, residual MLP blocks, then a projection to a
+  low-resolution map, GroupNorm and convolutional upsampling (MindEye1's voxel-to-latent model).
+* :class:`SemanticExtractor`: higher visual (semantic) voxels -> CLIP image tokens (257xD) and
+  CLIP text tokens (77xD): a residual MLP backbone and one head per modality.
+
+The heads are *token-factorised*: the backbone emits ``rank`` numbers per token, and one shared
+``rank -> D`` map (plus a learned per-token offset) turns them into tokens. A dense head from a
+4096-wide backbone to 257x768 would hold 808M parameters; with rank 64 it holds 68M, and the 77
+text tokens 20M more.
+
+Both are diffusers ``ModelMixin``/``ConfigMixin`` models: constructor arguments are the config,
+and ``save_pretrained``/``from_pretrained`` write and read ``config.json`` +
+``diffusion_pytorch_model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import ConfigMixin, ModelMixin
+from diffusers.configuration_utils import register_to_config
+from torch import nn
+
+
+class _ResidualMLP(nn.Module):
+    """``x + Dropout(SiLU(LayerNorm(Linear(x))))``, repeated ``n_blocks`` times."""
+
+    def __init__(self, width: int, n_blocks: int, dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.SiLU(), nn.Dropout(dropout))
+            for _ in range(n_blocks)
+        )
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            hidden = hidden + block(hidden)
+        return hidden
+
+
+def _stem(n_voxels: int, width: int, dropout: float) -> nn.Sequential:
+    """The paper's input stage: linear projection, LayerNorm, SiLU, Dropout."""
+    return nn.Sequential(nn.Linear(n_voxels, width), nn.LayerNorm(width), nn.SiLU(), nn.Dropout(dropout))
+
+
+class StructuralGenerator(ModelMixin, ConfigMixin):
+    """Structural voxels -> VAE latent.
+
+    Parameters
+    ----------
+    n_voxels : number of structural voxels (inputs).
+    latent_channels, latent_size : the VAE latent to predict, (4, 64) for Versatile Diffusion.
+    width, n_blocks : the residual MLP backbone.
+    input_dropout, block_dropout : dropout after the stem and inside each block (0.5 / 0.25).
+    map_channels, map_size : the low-resolution map the backbone is projected to (64x16x16);
+        ``latent_size / map_size`` must be a power of two (one 2x upsampling stage per factor).
+    groups : GroupNorm groups.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        n_voxels: int,
+        latent_channels: int = 4,
+        latent_size: int = 64,
+        width: int = 4096,
+        n_blocks: int = 4,
+        input_dropout: float = 0.5,
+        block_dropout: float = 0.25,
+        map_channels: int = 64,
+        map_size: int = 16,
+        groups: int = 8,
+    ):
+        super().__init__()
+        stages = latent_size // map_size
+        if map_size * stages != latent_size or stages & (stages - 1):
+            raise ValueError(f"latent_size / map_size must be a power of two, got {latent_size} / {map_size}")
+        self.stem = _stem(n_voxels, width, input_dropout)
+        self.backbone = _ResidualMLP(width, n_blocks, block_dropout)
+        self.to_map = nn.Linear(width, map_channels * map_size * map_size)
+        self.map_norm = nn.GroupNorm(groups, map_channels)
+        upsampling = []
+        for _ in range(int(math.log2(stages))):
+            upsampling += [
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(map_channels, map_channels, 3, padding=1),
+                nn.GroupNorm(groups, map_channels),
+                nn.SiLU(),
+            ]
+        self.upsample = nn.Sequential(*upsampling, nn.Conv2d(map_channels, latent_channels, 3, padding=1))
+
+    def forward(self, voxels: torch.Tensor) -> torch.Tensor:
+        """``voxels`` (batch, n_voxels) -> latents (batch, latent_channels, latent_size, latent_size)."""
+        config = self.config
+        hidden = self.backbone(self.stem(voxels))
+        low = self.to_map(hidden).view(-1, config.map_channels, config.map_size, config.map_size)
+        return self.upsample(self.map_norm(low))
+
+
+class _TokenHead(nn.Module):
+    """Backbone features -> (n_tokens, dim) through ``rank`` numbers per token."""
+
+    def __init__(self, width: int, n_tokens: int, dim: int, rank: int):
+        super().__init__()
+        self.n_tokens, self.rank = n_tokens, rank
+        self.per_token = nn.Linear(width, n_tokens * rank)
+        self.to_dim = nn.Linear(rank, dim, bias=False)
+        self.token_offset = nn.Parameter(torch.zeros(n_tokens, dim))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        factors = self.per_token(hidden).view(-1, self.n_tokens, self.rank)
+        return self.to_dim(factors) + self.token_offset
+
+
+class SemanticExtractor(ModelMixin, ConfigMixin):
+    """Semantic voxels -> CLIP image tokens and CLIP text tokens.
+
+    Parameters
+    ----------
+    n_voxels : number of semantic voxels (inputs).
+    dim : CLIP token width (768 for Versatile Diffusion).
+    image_tokens, text_tokens : 257 and 77 for Versatile Diffusion.
+    width, n_blocks, input_dropout, block_dropout : the residual MLP backbone.
+    rank : numbers per token in the token-factorised heads.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        n_voxels: int,
+        dim: int = 768,
+        image_tokens: int = 257,
+        text_tokens: int = 77,
+        width: int = 4096,
+        n_blocks: int = 4,
+        input_dropout: float = 0.5,
+        block_dropout: float = 0.25,
+        rank: int = 64,
+    ):
+        super().__init__()
+        self.stem = _stem(n_voxels, width, input_dropout)
+        self.backbone = _ResidualMLP(width, n_blocks, block_dropout)
+        self.image_head = _TokenHead(width, image_tokens, dim, rank)
+        self.text_head = _TokenHead(width, text_tokens, dim, rank)
+
+    def forward(self, voxels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``voxels`` (batch, n_voxels) -> (image tokens (batch, 257, dim), text tokens (batch, 77, dim))."""
+        hidden = self.backbone(self.stem(voxels))
+        return self.image_head(hidden), self.text_head(hidden)
+
+
+#: Size presets: ``paper`` is the spec's default (MindEye1-sized), ``tiny`` runs in seconds on a CPU.
+PRESETS: dict[str, dict[str, dict]] = {
+    "paper": {
+        "structural": {"width": 4096, "n_blocks": 4, "map_channels": 64, "groups": 8},
+        "semantic": {"width": 4096, "n_blocks": 4, "rank": 64},
+    },
+    "tiny": {
+        "structural": {"width": 256, "n_blocks": 2, "map_channels": 16, "groups": 4},
+        "semantic": {"width": 256, "n_blocks": 2, "rank": 8},
+    },
+}

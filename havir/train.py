@@ -1,0 +1,381 @@
+"""``havir train``: fit the Structural Generator and the Semantic Extractor (or the ridge baseline).
+
+Data protocol: the training images of the prepared subject are split by image (never by trial)
+into fitting and validation images (``val_fraction``); the decoders fit single trials (or
+repetition averages, ``use_trials = false``) of the fitting images; validation and the held-out
+test scores use repetition averages, as the field reports them.
+
+Both decoders train together, one AdamW optimiser and one one-cycle schedule, bf16 autocast on
+CUDA. After every epoch: validation losses and scores go to ``metrics.jsonl``; a decoder whose
+validation loss improved is saved (``structural/``, ``semantic/``, safetensors + config.json);
+and a checkpoint (weights, optimiser, schedule, epoch) lets an interrupted run continue. Every
+epoch's shuffling and dropout are seeded by (seed, epoch), so a resumed run ends where an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from havir.features import FEATURES_FORMAT, features_path
+from havir.io import atomic_path, ensure_output_dir, write_json
+from havir.losses import mean_correlation, semantic_loss, structural_loss, two_way_identification
+from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator
+from havir.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
+from havir.nsd.layout import check_subject
+from havir.prepare import load_split
+from havir.progress import track
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TARGETS = ("vae_latents", "clip_image", "clip_text")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of a training run (a TOML file holds any subset of them)."""
+
+    preset: str = "paper"  # decoder sizes: "paper" or "tiny"
+    epochs: int = 40
+    batch_size: int = 64
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    use_trials: bool = True  # fit single trials; false: repetition averages
+    val_fraction: float = 0.1
+    edge_weight: float = 0.1  # structural: weight of the Sobel edge loss
+    cosine_weight: float = 1.0  # semantic: weight of (1 - cosine)
+    contrastive_weight: float = 0.0  # semantic: weight of InfoNCE on the pooled token
+    shuffle_control: bool = False  # control run: pair each voxel pattern with a random image
+    ridge_alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
+    seed: int = 0
+
+    @classmethod
+    def from_toml(cls, path: Path) -> TrainConfig:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"training config not found: {path}")
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"training config {path} is not valid TOML: {err}") from err
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"training config {path} has unknown keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        config = cls(**values)
+        if config.preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {config.preset!r}")
+        return config
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(dataclasses.asdict(self))
+
+    def sha256(self) -> str:
+        return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()
+
+
+@dataclass
+class Split:
+    """Inputs and targets of one part of the data (rows are samples).
+
+    structural, semantic : float32 (n, voxels); vae_latents (n, 4, s, s), clip_image (n, 257, D),
+    clip_text (n, 77, D) float32; nsd_id (n,).
+    """
+
+    structural: np.ndarray
+    semantic: np.ndarray
+    vae_latents: np.ndarray
+    clip_image: np.ndarray
+    clip_text: np.ndarray
+    nsd_id: np.ndarray
+
+    def targets(self) -> dict[str, np.ndarray]:
+        return {name: getattr(self, name) for name in TARGETS}
+
+
+@dataclass
+class TrainingData:
+    """The three parts a run uses: ``fit`` (trials or averages), ``val`` and ``test`` (averages)."""
+
+    fit: Split
+    val: Split
+    test: Split
+
+
+def _averaged(betas: np.ndarray, nsd_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images, inverse = np.unique(nsd_id, return_inverse=True)
+    sums = np.zeros((len(images), betas.shape[1]), dtype=np.float64)
+    np.add.at(sums, inverse, betas)
+    return (sums / np.bincount(inverse)[:, None]).astype(np.float32), images
+
+
+def load_training_data(data: Path, subject: int, config: TrainConfig) -> TrainingData:
+    """Join a subject's prepared betas with its cached features and split them."""
+    check_subject(subject)
+    prepared = Path(data) / f"subj{subject:02d}.h5"
+    if not prepared.is_file():
+        raise FileNotFoundError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
+    cache = features_path(data, subject)
+    if not cache.is_file():
+        raise FileNotFoundError(f"no features for subj{subject:02d} in {data}: run `havir features` first")
+    with h5py.File(cache, "r") as h5:
+        if h5.attrs.get("subject") != subject or h5.attrs.get("format_version") != FEATURES_FORMAT:
+            raise ValueError(
+                f"{cache} holds features of subject {h5.attrs.get('subject')} (format {h5.attrs.get('format_version')}), "
+                f"not of subj{subject:02d} in format {FEATURES_FORMAT}: run `havir features` again"
+            )
+        feature_ids = h5["nsd_id"][()]
+        features = {name: h5[name][()].astype(np.float32) for name in TARGETS}
+    train, test = load_split(prepared, "train"), load_split(prepared, "test")
+    missing = np.setdiff1d(np.union1d(train.nsd_id, test.nsd_id), feature_ids)
+    if missing.size:
+        raise ValueError(f"{cache} lacks features of {missing.size} images of the prepared data: run `havir features` again")
+
+    def split(structural, semantic, nsd_id) -> Split:
+        rows = np.searchsorted(feature_ids, nsd_id)
+        return Split(structural, semantic, *(features[name][rows] for name in TARGETS), nsd_id)
+
+    rng = np.random.default_rng(config.seed)
+    train_images = np.unique(train.nsd_id)
+    val_images = rng.choice(train_images, size=max(2, int(round(config.val_fraction * len(train_images)))), replace=False)
+    is_val = np.isin(train.nsd_id, val_images)
+    if config.use_trials:
+        fit = split(train.structural[~is_val], train.semantic[~is_val], train.nsd_id[~is_val])
+    else:
+        structural, ids = _averaged(train.structural[~is_val], train.nsd_id[~is_val])
+        fit = split(structural, _averaged(train.semantic[~is_val], train.nsd_id[~is_val])[0], ids)
+    if config.shuffle_control:
+        order = rng.permutation(len(fit.nsd_id))
+        fit = dataclasses.replace(fit, **{name: value[order] for name, value in fit.targets().items()}, nsd_id=fit.nsd_id[order])
+    val_structural, val_ids = _averaged(train.structural[is_val], train.nsd_id[is_val])
+    test_structural, test_ids = _averaged(test.structural, test.nsd_id)
+    return TrainingData(
+        fit=fit,
+        val=split(val_structural, _averaged(train.semantic[is_val], train.nsd_id[is_val])[0], val_ids),
+        test=split(test_structural, _averaged(test.semantic, test.nsd_id)[0], test_ids),
+    )
+
+
+def build_decoders(data: TrainingData, config: TrainConfig) -> tuple[StructuralGenerator, SemanticExtractor]:
+    """Decoders sized for ``data`` (voxel counts, target shapes) and the config's preset."""
+    preset = PRESETS[config.preset]
+    latent_channels, latent_size = data.fit.vae_latents.shape[1], data.fit.vae_latents.shape[-1]
+    structural = StructuralGenerator(
+        n_voxels=data.fit.structural.shape[1], latent_channels=latent_channels, latent_size=latent_size,
+        map_size=max(1, latent_size // 4), **preset["structural"],
+    )
+    semantic = SemanticExtractor(
+        n_voxels=data.fit.semantic.shape[1], dim=data.fit.clip_image.shape[-1],
+        image_tokens=data.fit.clip_image.shape[1], text_tokens=data.fit.clip_text.shape[1], **preset["semantic"],
+    )
+    return structural, semantic
+
+
+def _tensors(part: Split, device: torch.device) -> dict[str, torch.Tensor]:
+    names = ("structural", "semantic", *TARGETS)
+    return {name: torch.as_tensor(getattr(part, name), device=device) for name in names}
+
+
+def _losses(structural, semantic, batch: dict[str, torch.Tensor], config: TrainConfig) -> dict[str, torch.Tensor]:
+    latents = structural(batch["structural"]).float()
+    image_tokens, text_tokens = (t.float() for t in semantic(batch["semantic"]))
+    s = structural_loss(latents, batch["vae_latents"], config.edge_weight)
+    i = semantic_loss(image_tokens, batch["clip_image"], config.cosine_weight, config.contrastive_weight)
+    t = semantic_loss(text_tokens, batch["clip_text"], config.cosine_weight, config.contrastive_weight)
+    return {"structural": s["total"], "semantic": i["total"] + t["total"]}
+
+
+@torch.no_grad()
+def evaluate(structural, semantic, part: Split, device: torch.device) -> dict[str, float]:
+    """Held-out scores of both decoders on ``part``: latent correlation, two-way identification."""
+    structural.eval()
+    semantic.eval()
+    tensors = _tensors(part, device)
+    latents = structural(tensors["structural"]).float()
+    image_tokens, text_tokens = (t.float() for t in semantic(tensors["semantic"]))
+    return scores({"vae_latents": latents, "clip_image": image_tokens, "clip_text": text_tokens}, tensors)
+
+
+def scores(predicted: dict, target: dict) -> dict[str, float]:
+    """Per target: mean per-image correlation and two-way identification (chance 0.5)."""
+    out = {}
+    for name in TARGETS:
+        p, t = torch.as_tensor(predicted[name]).cpu(), torch.as_tensor(target[name]).cpu()
+        out[f"{name}_correlation"] = mean_correlation(p, t)
+        out[f"{name}_identification"] = two_way_identification(p, t)
+    return out
+
+
+def _save_decoder(model, folder: Path) -> None:
+    """save_pretrained into a temporary folder, then swap it in, so a crash never leaves half a model."""
+    temporary = folder.with_name(f".partial-{folder.name}")
+    model.save_pretrained(temporary, safe_serialization=True)
+    old = folder.with_name(f".old-{folder.name}")
+    if folder.exists():
+        folder.rename(old)
+    temporary.rename(folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _check_run_folder(run: Path, subject: int, model: str, config: TrainConfig) -> bool:
+    """True when ``run`` holds an unfinished or finished run of exactly this training (resume)."""
+    record = run / "run.json"
+    if not record.is_file():
+        if run.exists() and any(run.iterdir()):
+            raise ValueError(f"run folder {run} is not empty and holds no HAVIR run: choose another --out")
+        return False
+    held = json.loads(record.read_text())
+    if (held.get("subject"), held.get("model"), held.get("config_sha256")) != (subject, model, config.sha256()):
+        raise ValueError(
+            f"run folder {run} holds another run (subject {held.get('subject')}, model {held.get('model')}, "
+            f"config {str(held.get('config_sha256'))[:12]}): choose another --out or delete it"
+        )
+    return True
+
+
+def train_subject(
+    data: Path,
+    subject: int,
+    run: Path,
+    *,
+    model: str = "havir",
+    config: TrainConfig | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """Train ``model`` (``"havir"`` or ``"ridge"``) for ``subject``; returns the summary."""
+    if model not in ("havir", "ridge"):
+        raise ValueError(f"--model must be havir or ridge, got {model!r}")
+    config = config or TrainConfig()
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    resuming = _check_run_folder(Path(run), subject, model, config)
+    dataset = load_training_data(data, subject, config)
+    run = ensure_output_dir(Path(run))
+    if not resuming:
+        write_json(run / "run.json", {"subject": subject, "model": model, "config_sha256": config.sha256(), "data": str(Path(data).resolve())})
+        with atomic_path(run / "config.toml") as temporary:
+            temporary.write_text(config.to_toml())
+    started = time.perf_counter()
+    if model == "ridge":
+        summary = _train_ridge(dataset, config, run, torch_device)
+    else:
+        summary = fit_decoders(dataset, config, run, torch_device, progress=progress)
+    summary = {"subject": subject, "model": model, "train_seconds": round(time.perf_counter() - started, 3)} | summary
+    write_json(run / "summary.json", summary)
+    return summary
+
+
+def _train_ridge(dataset: TrainingData, config: TrainConfig, run: Path, device: torch.device) -> dict:
+    def voxels(part: Split) -> np.ndarray:  # Brain-Diffuser's ridge reads all visual voxels at once
+        return np.concatenate([part.structural, part.semantic], axis=1)
+
+    ridge = RidgeDecoder(alphas=config.ridge_alphas, val_fraction=config.val_fraction, seed=config.seed, device=str(device))
+    ridge.fit(voxels(dataset.fit), dataset.fit.targets())
+    ridge.save_pretrained(run / "ridge")
+    predicted = {name: torch.as_tensor(p) for name, p in ridge.predict(voxels(dataset.test)).items()}
+    return {"epochs": 0, "alpha": ridge.alpha_, "test_scores": scores(predicted, dataset.test.targets())}
+
+
+def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: torch.device, progress: bool = True) -> dict:
+    """Train both decoders on ``dataset`` into ``run`` (resuming a checkpoint found there)."""
+    structural, semantic = build_decoders(dataset, config)
+    structural.to(device)
+    semantic.to(device)
+    parameters = list(structural.parameters()) + list(semantic.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    fit = _tensors(dataset.fit, device)  # kept on the device: a realistic subject fits on one GPU
+    n_fit = len(dataset.fit.nsd_id)
+    steps_per_epoch = -(-n_fit // config.batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch, pct_start=0.1
+    )
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    checkpoint = run / "checkpoint"
+    state = {"epoch": 0, "best": {"structural": float("inf"), "semantic": float("inf")}, "best_epoch": {}}
+    if (checkpoint / "state.json").is_file():
+        state = json.loads((checkpoint / "state.json").read_text())
+        structural.load_state_dict(load_file(checkpoint / "structural.safetensors", device=str(device)))
+        semantic.load_state_dict(load_file(checkpoint / "semantic.safetensors", device=str(device)))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
+        schedule.load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=True))
+    metrics_path = run / "metrics.jsonl"
+    kept = metrics_path.read_text().splitlines()[: state["epoch"]] if metrics_path.is_file() else []
+    metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    for epoch in track(range(state["epoch"], config.epochs), "training", total=config.epochs - state["epoch"], enabled=progress):
+        structural.train()
+        semantic.train()
+        torch.manual_seed(config.seed * 100_003 + epoch)  # dropout of this epoch
+        order = torch.randperm(n_fit, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)).to(device)
+        totals = {"structural": 0.0, "semantic": 0.0}
+        for step in range(steps_per_epoch):
+            rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+            batch = {name: value[rows] for name, value in fit.items()}
+            with autocast:
+                losses = _losses(structural, semantic, batch, config)
+            loss = losses["structural"] + losses["semantic"]
+            if not torch.isfinite(loss):
+                raise ValueError(
+                    f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower learning_rate "
+                    f"(now {config.learning_rate}) in the config; the last good checkpoint (epoch {state['epoch']}) is in {checkpoint}"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            for name in totals:
+                totals[name] += losses[name].item() * len(rows) / n_fit
+        with torch.no_grad(), autocast:
+            structural.eval()
+            semantic.eval()
+            val_losses = {k: v.item() for k, v in _losses(structural, semantic, _tensors(dataset.val, device), config).items()}
+        val_scores = evaluate(structural, semantic, dataset.val, device)
+        for name, model in (("structural", structural), ("semantic", semantic)):
+            if val_losses[name] < state["best"][name]:
+                state["best"][name] = val_losses[name]
+                state["best_epoch"][name] = epoch + 1
+                _save_decoder(model, run / name)
+        record = {"epoch": epoch + 1, "train_loss": totals, "val_loss": val_losses, "val_scores": val_scores}
+        state["epoch"] = epoch + 1
+        state["last"] = record
+        _save_checkpoint(checkpoint, structural, semantic, optimizer, schedule, state)
+        with open(metrics_path, "a") as metrics:
+            metrics.write(json.dumps(record) + "\n")
+
+    best_structural = StructuralGenerator.from_pretrained(run / "structural").to(device)
+    best_semantic = SemanticExtractor.from_pretrained(run / "semantic").to(device)
+    return {
+        "epochs": config.epochs,
+        "final_train_loss": state["last"]["train_loss"],
+        "final_val_loss": state["last"]["val_loss"],
+        "best_epoch": state["best_epoch"],
+        "test_scores": evaluate(best_structural, best_semantic, dataset.test, device),
+    }
+
+
+def _save_checkpoint(folder: Path, structural, semantic, optimizer, schedule, state: dict) -> None:
+    folder.mkdir(exist_ok=True)
+    for name, model in (("structural", structural), ("semantic", semantic)):
+        with atomic_path(folder / f"{name}.safetensors") as temporary:
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, temporary)
+    for name, obj in (("optimizer", optimizer), ("schedule", schedule)):
+        with atomic_path(folder / f"{name}.pt") as temporary:
+            torch.save(obj.state_dict(), temporary)
+    write_json(folder / "state.json", state)  # written last: it marks the checkpoint complete
