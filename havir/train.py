@@ -295,7 +295,9 @@ def _train_ridge(dataset: TrainingData, config: TrainConfig, run: Path, device: 
 
 def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: torch.device, progress: bool = True) -> dict:
     """Train both decoders on ``dataset`` into ``run`` (resuming a checkpoint found there)."""
-    structural, semantic = build_decoders(dataset, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the initial weights
+        structural, semantic = build_decoders(dataset, config)
     structural.to(device)
     semantic.to(device)
     parameters = list(structural.parameters()) + list(semantic.parameters())
@@ -320,6 +322,7 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
     metrics_path.write_text("".join(line + "\n" for line in kept))
 
     for epoch in track(range(state["epoch"], config.epochs), "training", total=config.epochs - state["epoch"], enabled=progress):
+        epoch_started = time.perf_counter()
         structural.train()
         semantic.train()
         torch.manual_seed(config.seed * 100_003 + epoch)  # dropout of this epoch
@@ -352,10 +355,13 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
                 state["best"][name] = val_losses[name]
                 state["best_epoch"][name] = epoch + 1
                 _save_decoder(model, run / name)
-        record = {"epoch": epoch + 1, "train_loss": totals, "val_loss": val_losses, "val_scores": val_scores}
+        record = {"epoch": epoch + 1, "train_loss": totals, "val_loss": val_losses, "val_scores": val_scores,
+                  "seconds": round(time.perf_counter() - epoch_started, 3)}
         state["epoch"] = epoch + 1
         state["last"] = record
+        saving_started = time.perf_counter()
         _save_checkpoint(checkpoint, structural, semantic, optimizer, schedule, state)
+        record["checkpoint_seconds"] = round(time.perf_counter() - saving_started, 3)
         with open(metrics_path, "a") as metrics:
             metrics.write(json.dumps(record) + "\n")
 

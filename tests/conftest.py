@@ -51,3 +51,16 @@ def run_cli(capsys):
 def json_of(stdout: str) -> dict:
     """The one JSON object a ``--json`` command prints."""
     return json.loads(stdout)
+
+
+@pytest.fixture(scope="session")
+def trainable(two_subject_nsd, tmp_path_factory):
+    """Subject 1 of the two-subject release, prepared and with ``tiny`` features: (data folder, truth)."""
+    from havir.features import compute_features
+    from havir.prepare import prepare_subject
+
+    root, truth = two_subject_nsd
+    data = tmp_path_factory.mktemp("trainable")
+    prepare_subject(root, 1, data, progress=False)
+    compute_features(data, 1, model="tiny", progress=False)
+    return data, truth
