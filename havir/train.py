@@ -7,9 +7,10 @@ test scores use repetition averages, as the field reports them.
 
 Both decoders train together, one AdamW optimiser and one one-cycle schedule, bf16 autocast on
 CUDA. After every epoch: validation losses and scores go to ``metrics.jsonl``; a decoder whose
-validation loss improved is saved (``structural/``, ``semantic/``, safetensors + config.json);
-and a checkpoint (weights, optimiser, schedule, epoch) lets an interrupted run continue. Every
-epoch's shuffling and dropout are seeded by (seed, epoch), so a resumed run ends where an
+validation loss improved is kept (``structural/``, ``semantic/``, safetensors + config.json);
+and a checkpoint (weights, optimiser, schedule, epoch) lets an interrupted run continue. Both are
+written at most every ``checkpoint_minutes`` (a realistic checkpoint is 5 GB) and at the end.
+Every epoch's shuffling and dropout are seeded by (seed, epoch), so a resumed run ends where an
 uninterrupted one would.
 """
 
@@ -27,6 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
 from havir.features import FEATURES_FORMAT, features_path
@@ -62,6 +64,7 @@ class TrainConfig:
     contrastive_weight: float = 0.0  # semantic: weight of InfoNCE on the pooled token
     shuffle_control: bool = False  # control run: pair each voxel pattern with a random image
     ridge_alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
+    checkpoint_minutes: float = 5.0  # write the checkpoint and best models at most this often (and at the end)
     seed: int = 0
 
     @classmethod
@@ -222,16 +225,18 @@ def scores(predicted: dict, target: dict) -> dict[str, float]:
     return out
 
 
-def _save_decoder(model, folder: Path) -> None:
-    """save_pretrained into a temporary folder, then swap it in, so a crash never leaves half a model."""
+def _save_decoder(model, weights: dict[str, torch.Tensor], folder: Path) -> None:
+    """Write ``weights`` in ``model``'s save_pretrained layout (config.json + safetensors) into a
+    temporary folder, then swap it in, so a crash never leaves half a model."""
     temporary = folder.with_name(f".partial-{folder.name}")
-    model.save_pretrained(temporary, safe_serialization=True)
+    shutil.rmtree(temporary, ignore_errors=True)
+    model.save_config(temporary)
+    save_file({k: v.contiguous() for k, v in weights.items()}, temporary / SAFETENSORS_WEIGHTS_NAME)
     old = folder.with_name(f".old-{folder.name}")
     if folder.exists():
         folder.rename(old)
     temporary.rename(folder)
-    if old.exists():
-        shutil.rmtree(old)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _check_run_folder(run: Path, subject: int, model: str, config: TrainConfig) -> bool:
@@ -301,7 +306,9 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
     structural.to(device)
     semantic.to(device)
     parameters = list(structural.parameters()) + list(semantic.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.AdamW(
+        parameters, lr=config.learning_rate, weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
     fit = _tensors(dataset.fit, device)  # kept on the device: a realistic subject fits on one GPU
     n_fit = len(dataset.fit.nsd_id)
     steps_per_epoch = -(-n_fit // config.batch_size)
@@ -321,47 +328,54 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
     kept = metrics_path.read_text().splitlines()[: state["epoch"]] if metrics_path.is_file() else []
     metrics_path.write_text("".join(line + "\n" for line in kept))
 
+    models = {"structural": structural, "semantic": semantic}
+    unsaved_best: dict[str, dict[str, torch.Tensor]] = {}  # best weights not yet on disk (CPU copies)
+    checkpointed_epoch, last_checkpoint = state["epoch"], time.perf_counter()
     for epoch in track(range(state["epoch"], config.epochs), "training", total=config.epochs - state["epoch"], enabled=progress):
         epoch_started = time.perf_counter()
         structural.train()
         semantic.train()
         torch.manual_seed(config.seed * 100_003 + epoch)  # dropout of this epoch
         order = torch.randperm(n_fit, generator=torch.Generator().manual_seed(config.seed * 100_003 + epoch)).to(device)
-        totals = {"structural": 0.0, "semantic": 0.0}
+        totals = torch.zeros(2, device=device)  # summed on the device: no host sync per step
         for step in range(steps_per_epoch):
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             batch = {name: value[rows] for name, value in fit.items()}
             with autocast:
                 losses = _losses(structural, semantic, batch, config)
-            loss = losses["structural"] + losses["semantic"]
-            if not torch.isfinite(loss):
-                raise ValueError(
-                    f"the training loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: lower learning_rate "
-                    f"(now {config.learning_rate}) in the config; the last good checkpoint (epoch {state['epoch']}) is in {checkpoint}"
-                )
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (losses["structural"] + losses["semantic"]).backward()
             optimizer.step()
             schedule.step()
-            for name in totals:
-                totals[name] += losses[name].item() * len(rows) / n_fit
+            totals += torch.stack([losses["structural"].detach(), losses["semantic"].detach()]).float() * (len(rows) / n_fit)
+        train_loss = dict(zip(models, totals.tolist()))
+        if not all(np.isfinite(list(train_loss.values()))):
+            raise ValueError(
+                f"the training loss became {train_loss} at epoch {epoch + 1}: lower learning_rate (now "
+                f"{config.learning_rate}) in the config; the last good checkpoint (epoch {checkpointed_epoch}) is in {checkpoint}"
+            )
         with torch.no_grad(), autocast:
             structural.eval()
             semantic.eval()
             val_losses = {k: v.item() for k, v in _losses(structural, semantic, _tensors(dataset.val, device), config).items()}
         val_scores = evaluate(structural, semantic, dataset.val, device)
-        for name, model in (("structural", structural), ("semantic", semantic)):
+        for name, model in models.items():
             if val_losses[name] < state["best"][name]:
                 state["best"][name] = val_losses[name]
                 state["best_epoch"][name] = epoch + 1
-                _save_decoder(model, run / name)
-        record = {"epoch": epoch + 1, "train_loss": totals, "val_loss": val_losses, "val_scores": val_scores,
+                unsaved_best[name] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_losses, "val_scores": val_scores,
                   "seconds": round(time.perf_counter() - epoch_started, 3)}
         state["epoch"] = epoch + 1
         state["last"] = record
-        saving_started = time.perf_counter()
-        _save_checkpoint(checkpoint, structural, semantic, optimizer, schedule, state)
-        record["checkpoint_seconds"] = round(time.perf_counter() - saving_started, 3)
+        if time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_minutes or epoch + 1 == config.epochs:
+            saving_started = time.perf_counter()
+            for name, weights in unsaved_best.items():
+                _save_decoder(models[name], weights, run / name)
+            unsaved_best.clear()
+            _save_checkpoint(checkpoint, structural, semantic, optimizer, schedule, state)
+            checkpointed_epoch, last_checkpoint = epoch + 1, time.perf_counter()
+            record["checkpoint_seconds"] = round(last_checkpoint - saving_started, 3)
         with open(metrics_path, "a") as metrics:
             metrics.write(json.dumps(record) + "\n")
 
