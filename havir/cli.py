@@ -47,10 +47,15 @@ def _emit(result: dict, as_json: bool, title: str) -> None:
         print(json.dumps(result))
         return
     table = Table(title=title, show_header=False, title_justify="left")
-    for key, value in result.items():
+    def shown(value) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
         if isinstance(value, dict):
-            value = ", ".join(f"{k}: {v}" for k, v in value.items())
-        table.add_row(key, str(value))
+            return ", ".join(f"{k}: {shown(v)}" for k, v in value.items())
+        return str(value)
+
+    for key, value in result.items():
+        table.add_row(key, shown(value))
     stdout_console.print(table)
 
 
@@ -173,7 +178,7 @@ def train(
     data: Annotated[Path, typer.Option("--data", help="Folder written by havir prepare and havir features.")],
     subject: SubjectOpt,
     out: Annotated[Path, typer.Option("--out", help="Run folder (an unfinished run there is resumed).")],
-    vd: VDOpt = "shi-labs/versatile-diffusion",
+    vd: Annotated[Optional[str], typer.Option("--vd", help="Versatile Diffusion the features were computed with (checked).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Training settings (TOML); see havir.train.TrainConfig.")] = None,
     model: Annotated[str, typer.Option("--model", help="havir (both decoders) or ridge (the baseline).")] = "havir",
     device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
@@ -184,8 +189,8 @@ def train(
 
     settings = TrainConfig.from_toml(config) if config else TrainConfig()
     summary = train_subject(
-        data, subject, out, model=model, config=settings, device=device, progress=not as_json or sys.stderr.isatty()
-    ) | {"vd": vd}
+        data, subject, out, model=model, config=settings, vd=vd, device=device, progress=not as_json or sys.stderr.isatty()
+    )
     _emit(summary, as_json, f"trained subj{subject:02d} ({model})")
 
 

@@ -262,16 +262,25 @@ def train_subject(
     *,
     model: str = "havir",
     config: TrainConfig | None = None,
+    vd: str | None = None,
     device: str = "auto",
     progress: bool = True,
 ) -> dict:
-    """Train ``model`` (``"havir"`` or ``"ridge"``) for ``subject``; returns the summary."""
+    """Train ``model`` (``"havir"`` or ``"ridge"``) for ``subject``; returns the summary.
+
+    ``vd``, when given, must be the Versatile Diffusion the cached features were computed with:
+    decoders trained on one model's targets are meaningless for another.
+    """
     if model not in ("havir", "ridge"):
         raise ValueError(f"--model must be havir or ridge, got {model!r}")
     config = config or TrainConfig()
     torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
     resuming = _check_run_folder(Path(run), subject, model, config)
     dataset = load_training_data(data, subject, config)
+    with h5py.File(features_path(data, subject), "r") as h5:
+        features_vd = json.loads(h5.attrs["settings"])["model"]
+    if vd is not None and vd != features_vd:
+        raise ValueError(f"the features in {data} were computed with --vd {features_vd}, not {vd}: run `havir features --vd {vd}` first")
     run = ensure_output_dir(Path(run))
     if not resuming:
         write_json(run / "run.json", {"subject": subject, "model": model, "config_sha256": config.sha256(), "data": str(Path(data).resolve())})
@@ -282,7 +291,7 @@ def train_subject(
         summary = _train_ridge(dataset, config, run, torch_device)
     else:
         summary = fit_decoders(dataset, config, run, torch_device, progress=progress)
-    summary = {"subject": subject, "model": model, "train_seconds": round(time.perf_counter() - started, 3)} | summary
+    summary = {"subject": subject, "model": model, "vd": features_vd, "train_seconds": round(time.perf_counter() - started, 3)} | summary
     write_json(run / "summary.json", summary)
     return summary
 

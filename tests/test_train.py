@@ -147,3 +147,8 @@ def test_features_of_another_subject_are_refused(trainable, tmp_path):
         h5.attrs["subject"] = 2
     with pytest.raises(ValueError, match="features of subject 2"):
         load_training_data(copy, 1, TINY)
+
+
+def test_vd_other_than_the_features_is_refused(trainable, tmp_path):
+    with pytest.raises(ValueError, match="computed with --vd tiny, not full-random"):
+        train_subject(trainable[0], 1, tmp_path / "run", config=TINY, vd="full-random", device="cpu", progress=False)
