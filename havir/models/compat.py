@@ -9,16 +9,15 @@ tests fail loudly when upstream changes and a work-around can go.
    UNet's cross-attention blocks now pass (diffusers issue 13651), so a dual-guided UNet cannot
    run a forward pass. :func:`make_dual_unet` gives its dual transformers a forward that accepts
    the argument (Versatile Diffusion never masks its condition tokens, so only ``None`` is valid).
-2. A pipeline folder whose ``model_index.json`` names ``UNetFlatConditionModel`` cannot be loaded
-   by ``DiffusionPipeline.from_pretrained``: the class is found neither in ``diffusers`` nor in
-   ``diffusers.pipelines.versatile_diffusion``. HAVIR loads every component by its own class
-   (:mod:`havir.models.versatile`); :func:`register_legacy_module` also makes the legacy module
-   path resolve, for users who load such folders with diffusers directly.
+2. A pipeline folder whose ``model_index.json`` names ``UNetFlatConditionModel`` (the release
+   declares it under the library ``versatile_diffusion``) cannot be loaded by
+   ``DiffusionPipeline.from_pretrained``: diffusers refuses that library name, and aliasing the
+   module does not help. HAVIR therefore loads every component by its own class
+   (:mod:`havir.models.versatile`) and never asks diffusers to resolve the index.
 """
 
 from __future__ import annotations
 
-import sys
 from types import SimpleNamespace
 
 from diffusers.models import DualTransformer2DModel, UNet2DConditionModel
@@ -27,11 +26,10 @@ from transformers.utils import logging as transformers_logging
 # Importing the deprecated pipeline makes transformers warn that its fast image processor needs
 # torchvision; HAVIR uses the PIL one (CLIPImageProcessorPil), so the warning is noise.
 transformers_logging.set_verbosity_error()
-from diffusers.pipelines.deprecated import versatile_diffusion as _deprecated_vd
 from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
 from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
 
-__all__ = ["UNetFlatConditionModel", "make_dual_unet", "register_legacy_module", "set_text_share"]
+__all__ = ["UNetFlatConditionModel", "make_dual_unet", "set_text_share"]
 
 
 class _MaskTolerantDualTransformer(DualTransformer2DModel):
@@ -72,7 +70,3 @@ def set_text_share(dual_unet: UNet2DConditionModel, text_share: float, text_toke
             module.condition_lengths = [text_tokens, image_tokens]
             module.transformer_index_for_condition = [1, 0]  # text tokens -> text transformer
 
-
-def register_legacy_module() -> None:
-    """Make ``diffusers.pipelines.versatile_diffusion`` resolve to the deprecated module."""
-    sys.modules.setdefault("diffusers.pipelines.versatile_diffusion", _deprecated_vd)

@@ -55,3 +55,12 @@ def test_masks_are_refused_rather_than_ignored(tiny):
 def test_text_share_outside_unit_interval(tiny):
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         set_text_share(tiny.image_unet, 1.5)
+
+
+def test_upstream_pipeline_still_cannot_load_the_release_layout(tiny, tmp_path):
+    """Why havir loads each component by class: diffusers refuses the release's model_index."""
+    from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
+
+    tiny.save_pretrained(tmp_path / "vd")
+    with pytest.raises(ValueError, match="versatile_diffusion"):
+        VersatileDiffusionDualGuidedPipeline.from_pretrained(tmp_path / "vd")
