@@ -194,6 +194,30 @@ def train(
     _emit(summary, as_json, f"trained subj{subject:02d} ({model})")
 
 
+@app.command()
+def reconstruct(
+    run: Annotated[Path, typer.Option("--run", help="Folder written by havir train.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for <nsdId>.png and manifest.json (existing PNGs are kept).")],
+    mode: Annotated[str, typer.Option("--mode", help="fused (the method), structural or semantic.")] = "fused",
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first K test images (by nsdId).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps of the full schedule.")] = 50,
+    strength: Annotated[float, typer.Option("--strength", help="How far the structural latent is noised (0..1).")] = 0.75,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
+    text_share: Annotated[float, typer.Option("--text-share", help="Text share of the dual guidance (image: 1 - this).")] = 0.4,
+    seed: Annotated[int, typer.Option("--seed", help="Run seed; each image's noise comes from it and the nsdId.")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 8,
+    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Reconstruct the test images of a trained run with dual-guided Versatile Diffusion."""
+    from havir.reconstruct import SamplerSettings, reconstruct_run
+
+    settings = SamplerSettings(steps=steps, strength=strength, guidance=guidance, text_share=text_share, seed=seed)
+    summary = reconstruct_run(run, out, mode=mode, settings=settings, limit=limit, batch_size=batch_size, device=device, dtype=dtype)
+    _emit(summary, as_json, f"reconstructions in {out}")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2.
 

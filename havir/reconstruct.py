@@ -23,20 +23,22 @@ predicted latent alone), ``semantic`` (no structural prior: strength 1 from nois
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import h5py
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
 import havir
-from havir.features import encode_clip_images, encode_clip_texts
+from havir.features import _dtype, encode_clip_images, encode_clip_texts, features_path
 from havir.io import atomic_path, ensure_output_dir, write_json
 from havir.models.compat import set_text_share
-from havir.models.versatile import VersatileDiffusion
+from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 
 MODES = ("fused", "structural", "semantic")
 
@@ -199,3 +201,61 @@ def reconstruct(
         "images_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
         "output": str(out),
     }
+
+
+def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[str, torch.Tensor], dict]:
+    """Predictions of a trained run for its subject's test images (repetition averages).
+
+    Returns (nsd_ids (n,), {"vae_latents", "clip_image", "clip_text"} tensors, the run's record).
+    """
+    from havir.models.decoders import SemanticExtractor, StructuralGenerator
+    from havir.models.ridge import RidgeDecoder
+    from havir.train import TrainConfig, load_training_data
+
+    record_path = Path(run) / "summary.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{run} holds no finished training run (no summary.json): run `havir train` first")
+    record = json.loads(record_path.read_text()) | json.loads((Path(run) / "run.json").read_text())
+    config = TrainConfig.from_toml(Path(run) / "config.toml")
+    test = load_training_data(Path(record["data"]), record["subject"], config).test
+    with torch.no_grad():
+        if record["model"] == "ridge":
+            ridge = RidgeDecoder.from_pretrained(Path(run) / "ridge", device=str(device))
+            predicted = ridge.predict(np.concatenate([test.structural, test.semantic], axis=1))
+            predictions = {name: torch.as_tensor(value) for name, value in predicted.items()}
+        else:
+            structural = StructuralGenerator.from_pretrained(Path(run) / "structural").to(device).eval()
+            semantic = SemanticExtractor.from_pretrained(Path(run) / "semantic").to(device).eval()
+            image_tokens, text_tokens = semantic(torch.as_tensor(test.semantic, device=device))
+            predictions = {
+                "vae_latents": structural(torch.as_tensor(test.structural, device=device)).float().cpu(),
+                "clip_image": image_tokens.float().cpu(),
+                "clip_text": text_tokens.float().cpu(),
+            }
+    return test.nsd_id, predictions, record
+
+
+def reconstruct_run(
+    run: Path,
+    out: Path,
+    *,
+    mode: str = "fused",
+    settings: SamplerSettings | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict:
+    """Reconstruct a trained run's test images into ``out`` (``<nsdId>.png`` + ``manifest.json``).
+
+    The Versatile Diffusion used is the one the run's features came from (same weights seed).
+    """
+    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    nsd_ids, predictions, record = predict_test_set(run, torch_device)
+    with h5py.File(features_path(Path(record["data"]), record["subject"]), "r") as h5:
+        features = json.loads(h5.attrs["settings"])
+    vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=_dtype(dtype, torch_device), seed=features["seed"])
+    return reconstruct(
+        vd, predictions, nsd_ids, Path(out), mode=mode, settings=settings, batch_size=batch_size, limit=limit,
+        provenance={"run": str(Path(run).resolve()), "subject": record["subject"], "model": record["model"]},
+    )

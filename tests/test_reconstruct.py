@@ -98,3 +98,29 @@ def test_modes_and_manifest(tiny, predictions, tmp_path):
     assert np.abs(structural - decode(tiny, predicted["vae_latents"][1:2])[0]).max() <= 1  # batch-shape rounding
     with pytest.raises(ValueError, match="--mode must be one of"):
         reconstruct(tiny, predicted, ids, tmp_path / "x", mode="both")
+
+
+def test_reconstruct_a_trained_run_from_the_command_line(trainable, tmp_path, run_cli):
+    data_dir, truth = trainable
+    config = tmp_path / "tiny.toml"
+    config.write_text('preset = "tiny"\nepochs = 2\nbatch_size = 32\n')
+    assert run_cli("train", "--data", data_dir, "--subject", 1, "--out", tmp_path / "run", "--config", config)[0] == 0
+    status, stdout, _ = run_cli("reconstruct", "--run", tmp_path / "run", "--out", tmp_path / "recon", "--steps", 3,
+                                "--limit", 3, "--json")
+    assert status == 0
+    summary = json.loads(stdout)
+    assert {"n_images", "mode", "seconds", "images_per_second"} <= set(summary) and summary["n_images"] == 3
+    expected = sorted(int(i) for i in truth.shared_nsd_id)[:3]
+    assert sorted(int(p.stem) for p in (tmp_path / "recon").glob("*.png")) == expected
+    manifest = json.loads((tmp_path / "recon/manifest.json").read_text())
+    assert manifest["settings"]["strength"] == 0.75 and manifest["model"] == "havir"
+
+
+def test_reconstruct_without_a_finished_run(run_cli, tmp_path):
+    status, _, stderr = run_cli("reconstruct", "--run", tmp_path, "--out", tmp_path / "recon")
+    assert status == 2 and "run `havir train` first" in stderr
+
+
+def test_bad_strength(run_cli, tmp_path):
+    status, _, stderr = run_cli("reconstruct", "--run", tmp_path, "--out", tmp_path / "recon", "--strength", 1.5)
+    assert status == 2 and "strength must be in [0, 1]" in stderr
