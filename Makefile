@@ -29,11 +29,14 @@ demo: setup
 	printf 'preset = "tiny"\nepochs = 20\nbatch_size = 32\nlearning_rate = 1e-3\n' > $(DEMO_OUT)/train.toml
 	$(BIN)/havir train --data $(DEMO_OUT)/data --subject 1 --out $(DEMO_OUT)/run --config $(DEMO_OUT)/train.toml
 	$(BIN)/havir train --data $(DEMO_OUT)/data --subject 1 --out $(DEMO_OUT)/ridge --config $(DEMO_OUT)/train.toml --model ridge
+	$(BIN)/havir reconstruct --run $(DEMO_OUT)/run --out $(DEMO_OUT)/recon/structural --mode structural
+	$(BIN)/havir reconstruct --run $(DEMO_OUT)/run --out $(DEMO_OUT)/recon/fused --mode fused --steps 20
 
 bench: setup
 	$(BIN)/python bench/bench_prepare.py
 	$(BIN)/python bench/bench_features.py
 	$(BIN)/python bench/bench_train.py
+	$(BIN)/python bench/bench_reconstruct.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)
