@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/havir masks build --nsd-root $(DEMO_OUT)/nsd --subject 1 --out $(DEMO_OUT)/masks
 	$(BIN)/havir masks show --nsd-root $(DEMO_OUT)/nsd --subject 1 --out $(DEMO_OUT)/masks/subj01.png
 	$(BIN)/havir prepare --nsd-root $(DEMO_OUT)/nsd --subject 1 --out $(DEMO_OUT)/data
-	$(BIN)/havir features --data $(DEMO_OUT)/data --subject 1 --vd tiny
+	$(BIN)/havir features --data $(DEMO_OUT)/data --subject 1 --vd demo
 	printf 'preset = "tiny"\nepochs = 20\nbatch_size = 32\nlearning_rate = 1e-3\n' > $(DEMO_OUT)/train.toml
 	$(BIN)/havir train --data $(DEMO_OUT)/data --subject 1 --out $(DEMO_OUT)/run --config $(DEMO_OUT)/train.toml
 	$(BIN)/havir train --data $(DEMO_OUT)/data --subject 1 --out $(DEMO_OUT)/ridge --config $(DEMO_OUT)/train.toml --model ridge

@@ -7,7 +7,9 @@
 * a hub id (default ``shi-labs/versatile-diffusion``), resolved through the Hugging Face cache;
   with ``HF_HUB_OFFLINE=1`` nothing is downloaded;
 * ``"tiny"``: small random-weight components with the real token counts (77 text, 257 image
-  tokens) and the VAE's 8x downsampling, for tests and the demo (seconds on a CPU);
+  tokens) and the VAE's 8x downsampling, for tests (seconds on a CPU);
+* ``"demo"``: ``tiny`` with a VAE trained on the synthetic scenes, so that latents and decoded
+  pictures mean something in the demo (everything else keeps random weights);
 * ``"full-random"``: the released architecture (configs shipped in ``configs/full-random``) with
   random weights, for benchmarks.
 
@@ -41,8 +43,10 @@ from havir.io import atomic_path
 from havir.models.compat import UNetFlatConditionModel, make_dual_unet
 
 DEFAULT_MODEL = "shi-labs/versatile-diffusion"
-BUILT_IN = ("tiny", "full-random")
+BUILT_IN = ("tiny", "demo", "full-random")
 CONFIGS = Path(__file__).parent / "configs"
+#: The demo's VAE: trained on the synthetic scenes by scripts/train_demo_vae.py (fp16, 7.8 MB).
+DEMO_VAE = Path(__file__).parent / "weights" / "demo-vae"
 #: Folders of a diffusers-layout Versatile Diffusion, and which files each must hold.
 COMPONENTS = ("tokenizer", "image_feature_extractor", "text_encoder", "image_encoder", "image_unet", "text_unet", "vae", "scheduler")
 TEXT_TOKENS = 77
@@ -153,34 +157,37 @@ def clip_byte_tokenizer() -> CLIPTokenizer:
 
 
 def build_random(name: str, seed: int = 0) -> VersatileDiffusion:
-    """Build ``"tiny"`` or ``"full-random"`` with random weights drawn from ``seed``."""
+    """Build a built-in model with random weights drawn from ``seed`` (``demo``: but its VAE)."""
     if name not in BUILT_IN:
         raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILT_IN)}")
+    configs = "tiny" if name == "demo" else name
     tokenizer = clip_byte_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         text_config = CLIPTextConfig(
-            **_config(name, "text_encoder"),
+            **_config(configs, "text_encoder"),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
         )
         text_encoder = CLIPTextModelWithProjection(text_config)
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**_config(name, "image_encoder")))
-        image_unet = UNet2DConditionModel(**_config(name, "image_unet"))
-        text_unet = UNetFlatConditionModel(**_config(name, "text_unet"))
-        vae = AutoencoderKL(**_config(name, "vae"))
+        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(**_config(configs, "image_encoder")))
+        image_unet = UNet2DConditionModel(**_config(configs, "image_unet"))
+        text_unet = UNetFlatConditionModel(**_config(configs, "text_unet"))
+        vae = AutoencoderKL(**_config(configs, "vae"))
+    if name == "demo":
+        vae = AutoencoderKL.from_pretrained(DEMO_VAE, torch_dtype=torch.float32)
     return VersatileDiffusion(
         tokenizer=tokenizer,
-        image_processor=CLIPImageProcessorPil(**_config(name, "image_processor")),
+        image_processor=CLIPImageProcessorPil(**_config(configs, "image_processor")),
         text_encoder=text_encoder.eval(),
         image_encoder=image_encoder.eval(),
         image_unet=make_dual_unet(image_unet, text_unet).eval(),
         text_unet=text_unet.eval(),
         vae=vae.eval(),
-        scheduler=DDIMScheduler(**_config(name, "scheduler")),
+        scheduler=DDIMScheduler(**_config(configs, "scheduler")),
         source=name,
-        image_side=_config(name, "havir")["image_side"],
+        image_side=_config(configs, "havir")["image_side"],
     )
 
 

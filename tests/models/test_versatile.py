@@ -94,3 +94,21 @@ def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch):
 def test_missing_local_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_versatile_diffusion(tmp_path / "nowhere")
+
+
+def test_demo_vae_reconstructs_synthetic_scenes():
+    """The demo's VAE was trained on the scene generator: it round-trips unseen scenes closely
+    (held-out MSE 0.009 in [-1, 1] at the end of training), where tiny's random VAE cannot."""
+    import numpy as np
+
+    from havir.nsd.scenes import render_scene, sample_scene
+
+    rng = np.random.default_rng(99)
+    images = np.stack([render_scene(sample_scene(rng), 128) for _ in range(8)])
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    errors = {}
+    for name in ("demo", "tiny"):
+        vae = build_random(name).vae
+        with torch.no_grad():
+            errors[name] = torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x).item()
+    assert errors["demo"] < 0.03 < errors["tiny"]
