@@ -205,6 +205,7 @@ def reconstruct(
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
     text_share: Annotated[float, typer.Option("--text-share", help="Text share of the dual guidance (image: 1 - this).")] = 0.4,
     seed: Annotated[int, typer.Option("--seed", help="Run seed; each image's noise comes from it and the nsdId.")] = 0,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="ddim, pndm, dpmsolver or euler.")] = "ddim",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 8,
     device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
     dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
@@ -213,7 +214,9 @@ def reconstruct(
     """Reconstruct the test images of a trained run with dual-guided Versatile Diffusion."""
     from havir.reconstruct import SamplerSettings, reconstruct_run
 
-    settings = SamplerSettings(steps=steps, strength=strength, guidance=guidance, text_share=text_share, seed=seed)
+    settings = SamplerSettings(
+        steps=steps, strength=strength, guidance=guidance, text_share=text_share, seed=seed, scheduler=scheduler
+    )
     summary = reconstruct_run(run, out, mode=mode, settings=settings, limit=limit, batch_size=batch_size, device=device, dtype=dtype)
     _emit(summary, as_json, f"reconstructions in {out}")
 

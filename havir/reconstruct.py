@@ -23,6 +23,7 @@ predicted latent alone), ``semantic`` (no structural prior: strength 1 from nois
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -32,6 +33,7 @@ import h5py
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from diffusers.image_processor import VaeImageProcessor
 
 import havir
@@ -41,6 +43,13 @@ from havir.models.compat import set_text_share
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 
 MODES = ("fused", "structural", "semantic")
+#: Schedulers the sampler can use, each built from the model's own scheduler config.
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "dpmsolver": DPMSolverMultistepScheduler,
+    "euler": EulerDiscreteScheduler,
+}
 
 
 @dataclass(frozen=True)
@@ -51,10 +60,13 @@ class SamplerSettings:
     strength: float = 0.75
     guidance: float = 7.5
     text_share: float = 0.4
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM's stochasticity (0: deterministic); ignored by other schedulers
     seed: int = 0
+    scheduler: str = "ddim"  # ddim, pndm, dpmsolver or euler
 
     def __post_init__(self):
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if self.steps < 1:
@@ -95,8 +107,9 @@ def sample(
     """Denoise to latents (n, 4, h, w), from ``start_latents`` noised per ``settings.strength``
     (or from ``noise`` alone when no start is given or strength is 1)."""
     device, dtype = vd.image_unet.device, vd.image_unet.dtype
-    scheduler = vd.scheduler
+    scheduler = SCHEDULERS[settings.scheduler].from_config(vd.scheduler.config)
     scheduler.set_timesteps(settings.steps, device=device)
+    step_kwargs = {"eta": settings.eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     timesteps = scheduler.timesteps
     noise = noise.to(device=device, dtype=dtype)
     if start_latents is None or settings.strength >= 1.0:
@@ -118,7 +131,7 @@ def sample(
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), t)
         eps_uncond, eps_cond = vd.image_unet(model_input, t, encoder_hidden_states=embeddings).sample.chunk(2)
         eps = eps_uncond + settings.guidance * (eps_cond - eps_uncond)
-        latents = scheduler.step(eps, t, latents, eta=settings.eta).prev_sample
+        latents = scheduler.step(eps, t, latents, **step_kwargs).prev_sample
     return latents
 
 

@@ -125,6 +125,14 @@ def test_reconstruct_without_a_finished_run(run_cli, tmp_path):
     assert status == 2 and "run `havir train` first" in stderr
 
 
+@pytest.mark.parametrize("scheduler", ["pndm", "dpmsolver", "euler"])
+def test_other_schedulers_run(tiny, predictions, tmp_path, scheduler):
+    ids, predicted = predictions
+    summary = reconstruct(tiny, predicted, ids, tmp_path, settings=SamplerSettings(steps=4, scheduler=scheduler), limit=1)
+    image = np.asarray(PIL.Image.open(tmp_path / "4.png"))
+    assert summary["reconstructed"] == 1 and image.shape == (tiny.image_side, tiny.image_side, 3) and image.std() > 0
+
+
 def test_bad_strength(run_cli, tmp_path):
     status, _, stderr = run_cli("reconstruct", "--run", tmp_path, "--out", tmp_path / "recon", "--strength", 1.5)
     assert status == 2 and "strength must be in [0, 1]" in stderr
