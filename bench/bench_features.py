@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import platform
 import time
 from pathlib import Path
@@ -28,17 +27,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import havir
-from havir.features import _as_pil, _dtype, encode_clip_images, encode_clip_texts, encode_vae_latents
+from havir.devices import matmul_rate, resolve_device, resolve_dtype, synchronise
+from havir.features import _as_pil, encode_clip_images, encode_clip_texts, encode_vae_latents
 from havir.io import write_json
 from havir.models.versatile import load_versatile_diffusion
 
 CAPTIONS_PER_IMAGE = 5
 STIMULUS_SIDE = 425  # NSD's stimuli
 
-
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(function, device: torch.device, repeats: int) -> float:
@@ -53,14 +49,6 @@ def timed(function, device: torch.device, repeats: int) -> float:
         best = min(best, time.perf_counter() - start)
     return best
 
-
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    """Measured dense matrix-multiply rate in FLOP/s: the ceiling the floors are drawn against."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = timed(lambda: a @ b, device, repeats=5)
-    return 2 * n**3 / seconds
 
 
 def flops_per_image(stage, images, texts) -> int:
@@ -79,8 +67,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
-    dtype = _dtype(args.dtype, device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     vd = load_versatile_diffusion(args.model, device=device, dtype=dtype)
     rng = np.random.default_rng(0)
     largest = max(int(b) for b in args.batch_sizes.split(","))

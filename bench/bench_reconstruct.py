@@ -26,27 +26,12 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import havir
-from havir.features import _dtype
+from havir.devices import matmul_rate, resolve_device, resolve_dtype, synchronise
 from havir.io import write_json
 from havir.models.versatile import load_versatile_diffusion
 from havir.reconstruct import SamplerSettings, reconstruct_batch, unconditional_embeddings
 
 
-def synchronise(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
-    n = 8192 if device.type == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    synchronise(device)
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    synchronise(device)
-    return 5 * 2 * n**3 / (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -59,8 +44,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
-    dtype = _dtype(args.dtype, device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     vd = load_versatile_diffusion(args.model, device=device, dtype=dtype)
     settings = SamplerSettings()  # 50 steps, strength 0.75, guidance 7.5, text share 0.4
     side, dim = vd.image_side // 8, vd.embedding_dim

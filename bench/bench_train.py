@@ -30,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import havir
+from havir.devices import matmul_rate, resolve_device
 from havir.io import write_json
 from havir.train import Split, TrainConfig, TrainingData, _losses, _tensors, build_decoders, fit_decoders
 
@@ -53,19 +54,6 @@ def random_split(n: int, size: dict, rng: np.random.Generator) -> Split:
     )
 
 
-def matmul_rate(device: torch.device) -> float:
-    n, dtype = (8192, torch.bfloat16) if device.type == "cuda" else (1024, torch.float32)
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return 5 * 2 * n**3 / (time.perf_counter() - start)
-
 
 def step_flops(data: TrainingData, config: TrainConfig, device: torch.device) -> int:
     """FLOPs of one training step (forward + backward, one batch) of both decoders."""
@@ -88,7 +76,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     size = SIZES[args.size]
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     epochs = args.epochs or size["epochs"]
     config = TrainConfig(preset=size["preset"], epochs=epochs, batch_size=args.batch_size)
 

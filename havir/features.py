@@ -30,6 +30,7 @@ import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
+from havir.devices import resolve_device, resolve_dtype
 from havir.io import atomic_path
 from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.layout import check_subject
@@ -88,15 +89,6 @@ class FeatureSettings:
     model: str
     dtype: str
     seed: int
-
-
-def _dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"--dtype must be auto, fp32, bf16 or fp16, got {name!r}")
-    return table[name]
 
 
 def features_path(data: Path, subject: int) -> Path:
@@ -162,8 +154,8 @@ def compute_features(
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     nsd_ids, captions, default_stimuli = _read_prepared(data, subject)
     stimuli = Path(stimuli) if stimuli is not None else default_stimuli
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
-    torch_dtype = _dtype(dtype, torch_device)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     settings = FeatureSettings(model=str(model), dtype=str(torch_dtype).removeprefix("torch."), seed=seed)
     final = features_path(data, subject)
     partial = final.with_name(final.name + ".partial")

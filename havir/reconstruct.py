@@ -37,7 +37,8 @@ from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteS
 from diffusers.image_processor import VaeImageProcessor
 
 import havir
-from havir.features import _dtype, encode_clip_images, encode_clip_texts, features_path
+from havir.devices import resolve_device, resolve_dtype
+from havir.features import encode_clip_images, encode_clip_texts, features_path
 from havir.io import atomic_path, ensure_output_dir, write_json
 from havir.models.compat import set_text_share
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
@@ -263,11 +264,11 @@ def reconstruct_run(
 
     The Versatile Diffusion used is the one the run's features came from (same weights seed).
     """
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    torch_device = resolve_device(device)
     nsd_ids, predictions, record = predict_test_set(run, torch_device)
     with h5py.File(features_path(Path(record["data"]), record["subject"]), "r") as h5:
         features = json.loads(h5.attrs["settings"])
-    vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=_dtype(dtype, torch_device), seed=features["seed"])
+    vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=resolve_dtype(dtype, torch_device), seed=features["seed"])
     return reconstruct(
         vd, predictions, nsd_ids, Path(out), mode=mode, settings=settings, batch_size=batch_size, limit=limit,
         provenance={"run": str(Path(run).resolve()), "subject": record["subject"], "model": record["model"]},

@@ -31,6 +31,7 @@ import torch
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
+from havir.devices import resolve_device
 from havir.features import FEATURES_FORMAT, features_path
 from havir.io import atomic_path, ensure_output_dir, write_json
 from havir.losses import mean_correlation, semantic_loss, structural_loss, two_way_identification
@@ -274,7 +275,7 @@ def train_subject(
     if model not in ("havir", "ridge"):
         raise ValueError(f"--model must be havir or ridge, got {model!r}")
     config = config or TrainConfig()
-    torch_device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else "cpu" if device == "auto" else device)
+    torch_device = resolve_device(device)
     resuming = _check_run_folder(Path(run), subject, model, config)
     dataset = load_training_data(data, subject, config)
     with h5py.File(features_path(data, subject), "r") as h5:

@@ -6,7 +6,6 @@ import h5py
 import nibabel as nib
 import numpy as np
 import pandas as pd
-import pytest
 import scipy.io
 from PIL import Image
 
