@@ -33,7 +33,9 @@ stdout_console = Console(soft_wrap=True)
 NSDRootOpt = Annotated[Path, typer.Option("--nsd-root", help="Folder mirroring the NSD release (holds nsddata/, nsddata_betas/, nsddata_stimuli/).")]
 SubjectOpt = Annotated[int, typer.Option("--subject", help="NSD subject, 1..8.")]
 DefinitionOpt = Annotated[Optional[Path], typer.Option("--definition", help="Mask definition TOML (default: masks/subjXX.toml).")]
-VDOpt = Annotated[str, typer.Option("--vd", help="Versatile Diffusion: a local folder, a hub id (via the HF cache), tiny or full-random.")]
+VDOpt = Annotated[str, typer.Option("--vd", help="Versatile Diffusion: a local folder, a hub id (via the HF cache), tiny, demo or full-random.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; progress stays on stderr.")]
 
 # What the library raises for bad input; OSError covers missing, unreadable and unwritable files,
@@ -47,6 +49,7 @@ def _emit(result: dict, as_json: bool, title: str) -> None:
         print(json.dumps(result))
         return
     table = Table(title=title, show_header=False, title_justify="left")
+
     def shown(value) -> str:
         if isinstance(value, float):
             return f"{value:.4g}"
@@ -157,8 +160,8 @@ def features(
     data: Annotated[Path, typer.Option("--data", help="Folder written by havir prepare.")],
     subject: SubjectOpt,
     vd: VDOpt = "shi-labs/versatile-diffusion",
-    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 16,
     stimuli: Annotated[Optional[Path], typer.Option("--stimuli", help="nsd_stimuli.hdf5, if not under the NSD root prepare read.")] = None,
     as_json: JsonOpt = False,
@@ -181,7 +184,7 @@ def train(
     vd: Annotated[Optional[str], typer.Option("--vd", help="Versatile Diffusion the features were computed with (checked).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Training settings (TOML); see havir.train.TrainConfig.")] = None,
     model: Annotated[str, typer.Option("--model", help="havir (both decoders) or ridge (the baseline).")] = "havir",
-    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
+    device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Train the Structural Generator and the Semantic Extractor (or the ridge baseline)."""
@@ -207,8 +210,8 @@ def reconstruct(
     seed: Annotated[int, typer.Option("--seed", help="Run seed; each image's noise comes from it and the nsdId.")] = 0,
     scheduler: Annotated[str, typer.Option("--scheduler", help="ddim, pndm, dpmsolver or euler.")] = "ddim",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 8,
-    device: Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")] = "auto",
-    dtype: Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")] = "auto",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
     as_json: JsonOpt = False,
 ) -> None:
     """Reconstruct the test images of a trained run with dual-guided Versatile Diffusion."""
