@@ -7,7 +7,9 @@ the shared images); z-score every voxel with the mean and standard deviation of 
 trials only; join each image's COCO captions; copy the test stimuli, for evaluation.
 
 Memory stays near one session's masked data: sessions stream into the output file, statistics
-are merged session by session, and the z-scoring is a second pass over the file in blocks.
+are merged session by session, and the z-scoring is a second pass over the file in blocks. The
+file is built under a hidden ``.partial`` name; an interrupted run, started again with the same
+inputs, continues after the last finished session.
 
 Output, ``OUT/subjXX.h5`` (``n`` = trials of a split, ``v`` = voxels of a set):
 
@@ -31,6 +33,7 @@ versions).
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from dataclasses import dataclass
@@ -41,7 +44,7 @@ import h5py
 import numpy as np
 
 import havir
-from havir.io import atomic_path, ensure_output_dir, write_json
+from havir.io import ensure_output_dir, write_json
 from havir.masks import build_masks, definition_for
 from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
 from havir.nsd.design import load_design, subject_trials
@@ -127,19 +130,104 @@ def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_f
     return files
 
 
-def _merge_stats(count: int, mean: np.ndarray, m2: np.ndarray, block: np.ndarray):
-    """Chan et al.'s parallel update of a running mean and sum of squared deviations."""
-    n = block.shape[0]
-    if n == 0:
-        return count, mean, m2
+def _moments(block: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    """(count, mean, sum of squared deviations) of each column of ``block``, in float64."""
     block = block.astype(np.float64)
-    block_mean = block.mean(axis=0)
-    block_m2 = ((block - block_mean) ** 2).sum(axis=0)
-    total = count + n
-    delta = block_mean - mean
-    mean = mean + delta * (n / total)
-    m2 = m2 + block_m2 + delta**2 * (count * n / total)
-    return total, mean, m2
+    if len(block) == 0:
+        return 0, np.zeros(block.shape[1]), np.zeros(block.shape[1])
+    mean = block.mean(axis=0)
+    return len(block), mean, ((block - mean) ** 2).sum(axis=0)
+
+
+def _merge_moments(a, b):
+    """Chan et al.'s parallel merge of two (count, mean, sum of squared deviations)."""
+    (n_a, mean_a, m2_a), (n_b, mean_b, m2_b) = a, b
+    total = n_a + n_b
+    if total == 0:
+        return a
+    delta = mean_b - mean_a
+    return total, mean_a + delta * (n_b / total), m2_a + m2_b + delta**2 * (n_a * n_b / total)
+
+
+def _fingerprint(subject: int, files: list[BetasFile], definition_sha256: str, captions_dir: Path) -> str:
+    """What a partial output was computed from; a run resumes only when it is unchanged."""
+    sources = [[str(b.path.resolve()), b.fmt, b.path.stat().st_size, b.path.stat().st_mtime_ns] for b in files]
+    return json.dumps({"subject": subject, "format": FORMAT_VERSION, "betas": sources,
+                       "definition": definition_sha256, "captions": str(Path(captions_dir).resolve())})
+
+
+def _create_layout(h5, subject, trials, split_of, n_rows, voxels, fingerprint) -> None:
+    h5.attrs.update(format_version=FORMAT_VERSION, subject=subject, havir_version=havir.__version__,
+                    fingerprint=fingerprint, sessions_done=0, zscoring=False)
+    for split, rows in split_of.items():
+        group = h5.create_group(split)
+        for name in _SETS:
+            n_voxels = len(voxels[name])
+            chunk_rows = max(1, min(32, n_rows[split]))
+            group.create_dataset(name, (n_rows[split], n_voxels), np.float32, chunks=(chunk_rows, n_voxels))
+        group["nsd_id"] = trials.nsd_id[rows]
+        group["repetition"] = trials.repetition[rows]
+        group["session"] = trials.session[rows]
+    for name in _SETS:
+        h5[f"voxels/{name}"] = voxels[name].astype(np.int16)
+
+
+def _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, progress) -> None:
+    """Pass 1: each session's masked betas into the file; its training moments beside them."""
+    columns = {"structural": slice(0, n_voxels["structural"]), "semantic": slice(n_voxels["structural"], None)}
+    first = sum(b.n_trials for b in files[:resumed])
+    written = {split: int(rows[:first].sum()) for split, rows in split_of.items()}
+    for index in track(range(resumed, len(files)), f"subj{subject:02d}: reading sessions", total=len(files) - resumed, enabled=progress):
+        betas = files[index]
+        session_betas = read_masked_betas(betas, both)
+        session_rows = slice(first, first + betas.n_trials)
+        first += betas.n_trials
+        for split, rows in split_of.items():
+            selected = session_betas[rows[session_rows]]
+            start, stop = written[split], written[split] + len(selected)
+            for name, part in columns.items():
+                h5[split][name][start:stop] = selected[:, part]
+                if split == "train":
+                    count, mean, m2 = _moments(selected[:, part])
+                    h5[f"session_moments/{index:02d}/{name}"] = np.stack([mean, m2])
+                    h5[f"session_moments/{index:02d}"].attrs["count"] = count
+            written[split] = stop
+        h5.attrs["sessions_done"] = index + 1
+        h5.flush()
+
+
+def _zscore(h5, split_of) -> None:
+    """Pass 2: z-score every voxel with the training moments (test trials never enter them)."""
+    h5.attrs["zscoring"] = True  # from here on the file is not resumable
+    for name in _SETS:
+        moments = (0, 0.0, 0.0)
+        for session in h5["session_moments"].values():
+            mean, m2 = session[name][()]
+            moments = _merge_moments(moments, (int(session.attrs["count"]), mean, m2))
+        count, mean, m2 = moments
+        std = np.sqrt(m2 / max(count, 1))
+        constant = std == 0
+        std[constant] = 1.0  # a voxel with no variance carries no signal; keep it at 0
+        h5[f"normalisation/{name}_mean"] = mean.astype(np.float32)
+        h5[f"normalisation/{name}_std"] = std.astype(np.float32)
+        h5["normalisation"].attrs[f"{name}_constant_voxels"] = int(constant.sum())
+        for split in split_of:
+            dataset = h5[split][name]
+            for start in range(0, dataset.shape[0], _ROWS_PER_BLOCK):
+                block = dataset[start : start + _ROWS_PER_BLOCK].astype(np.float64)
+                dataset[start : start + _ROWS_PER_BLOCK] = ((block - mean) / std).astype(np.float32)
+    del h5["session_moments"]
+
+
+def _write_stimuli_and_captions(h5, layout, test_ids, side, captions) -> None:
+    h5.create_dataset("test/stimuli", (len(test_ids), side, side, 3), np.uint8, chunks=(1, side, side, 3))
+    for ids, images in iter_stimuli(layout.stimuli, test_ids):
+        start = int(np.searchsorted(test_ids, ids[0]))
+        h5["test/stimuli"][start : start + len(ids)] = images
+    h5["test/stimulus_nsd_id"] = test_ids
+    caption_ids = np.concatenate([[i] * len(captions[i]) for i in sorted(captions)]).astype(np.int64)
+    h5["captions/nsd_id"] = caption_ids
+    h5.create_dataset("captions/text", data=[c for i in sorted(captions) for c in captions[i]], dtype=h5py.string_dtype())
 
 
 def prepare_subject(
@@ -193,65 +281,36 @@ def prepare_subject(
     both = np.concatenate([voxels["structural"], voxels["semantic"]])
     split_of = {"train": ~trials.is_test, "test": trials.is_test}
     n_rows = {split: int(rows.sum()) for split, rows in split_of.items()}
-    stats = {name: (0, np.zeros(n_voxels[name]), np.zeros(n_voxels[name])) for name in _SETS}
 
     out = ensure_output_dir(Path(out))
     stem = f"subj{subject:02d}"
     h5_path = out / f"{stem}.h5"
-    with atomic_path(h5_path) as temporary, h5py.File(temporary, "w") as h5:
-        h5.attrs.update(format_version=FORMAT_VERSION, subject=subject, havir_version=havir.__version__)
-        for split, rows in split_of.items():
-            group = h5.create_group(split)
-            for name in _SETS:
-                chunk_rows = max(1, min(32, n_rows[split]))
-                group.create_dataset(name, (n_rows[split], n_voxels[name]), np.float32, chunks=(chunk_rows, n_voxels[name]))
-            group["nsd_id"] = trials.nsd_id[rows]
-            group["repetition"] = trials.repetition[rows]
-            group["session"] = trials.session[rows]
-        for name in _SETS:
-            h5[f"voxels/{name}"] = voxels[name].astype(np.int16)
-
-        # Pass 1: stream sessions into the file, merging training statistics as they go.
-        written = {"train": 0, "test": 0}
-        first = 0
-        for betas in track(files, f"subj{subject:02d}: reading sessions", enabled=progress):
-            session_betas = read_masked_betas(betas, both)
-            session_rows = slice(first, first + betas.n_trials)
-            first += betas.n_trials
-            for split, rows in split_of.items():
-                selected = session_betas[rows[session_rows]]
-                start, stop = written[split], written[split] + len(selected)
-                for name, columns in (("structural", slice(0, n_voxels["structural"])), ("semantic", slice(n_voxels["structural"], None))):
-                    h5[split][name][start:stop] = selected[:, columns]
-                    if split == "train":
-                        stats[name] = _merge_stats(*stats[name], selected[:, columns])
-                written[split] = stop
-
-        # Pass 2: z-score with the training statistics (test trials never enter them).
-        for name in _SETS:
-            count, mean, m2 = stats[name]
-            std = np.sqrt(m2 / max(count, 1))
-            constant = std == 0
-            std[constant] = 1.0  # a voxel with no variance carries no signal; keep it at 0
-            h5[f"normalisation/{name}_mean"] = mean.astype(np.float32)
-            h5[f"normalisation/{name}_std"] = std.astype(np.float32)
-            h5["normalisation"].attrs[f"{name}_constant_voxels"] = int(constant.sum())
-            for split in split_of:
-                dataset = h5[split][name]
-                for start in range(0, dataset.shape[0], _ROWS_PER_BLOCK):
-                    block = dataset[start : start + _ROWS_PER_BLOCK].astype(np.float64)
-                    dataset[start : start + _ROWS_PER_BLOCK] = ((block - mean) / std).astype(np.float32)
-
-        test_ids = np.unique(trials.nsd_id[trials.is_test])
-        h5.create_dataset("test/stimuli", (len(test_ids), side, side, 3), np.uint8, chunks=(1, side, side, 3))
-        for ids, images in iter_stimuli(layout.stimuli, test_ids):
-            start = int(np.searchsorted(test_ids, ids[0]))
-            h5["test/stimuli"][start : start + len(ids)] = images
-        h5["test/stimulus_nsd_id"] = test_ids
-
-        caption_ids = np.concatenate([[i] * len(captions[i]) for i in sorted(captions)]).astype(np.int64)
-        h5["captions/nsd_id"] = caption_ids
-        h5.create_dataset("captions/text", data=[c for i in sorted(captions) for c in captions[i]], dtype=h5py.string_dtype())
+    # Sessions stream into a partial file that survives an interruption: run the same command
+    # again and it continues after the last finished session.
+    partial = out / f".{stem}.h5.partial"
+    fingerprint = _fingerprint(subject, files, mask_definition.sha256(), captions_dir or layout.annotations_dir)
+    try:
+        with h5py.File(partial, "r") as h5:
+            resumable = h5.attrs.get("fingerprint") == fingerprint and not h5.attrs.get("zscoring")
+    except OSError:  # none there, or damaged by the interruption
+        resumable = False
+    if not resumable:
+        partial.unlink(missing_ok=True)
+    try:
+        with h5py.File(partial, "a") as h5:
+            if not resumable:
+                _create_layout(h5, subject, trials, split_of, n_rows, voxels, fingerprint)
+            resumed = int(h5.attrs["sessions_done"])
+            _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, progress)
+            _zscore(h5, split_of)
+            test_ids = np.unique(trials.nsd_id[trials.is_test])
+            _write_stimuli_and_captions(h5, layout, test_ids, side, captions)
+            for key in ("fingerprint", "sessions_done", "zscoring"):
+                del h5.attrs[key]
+        partial.replace(h5_path)
+    except (ValueError, OSError):  # bad input: nothing to resume from once it is fixed
+        partial.unlink(missing_ok=True)
+        raise
 
     summary = {
         "subject": subject,
@@ -263,6 +322,7 @@ def prepare_subject(
         "structural_voxels": n_voxels["structural"],
         "semantic_voxels": n_voxels["semantic"],
         "betas_formats": sorted({b.fmt for b in files}),
+        "resumed_sessions": resumed,
         "output": str(h5_path),
         "seconds": round(time.perf_counter() - started, 3),
     }

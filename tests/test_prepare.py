@@ -13,7 +13,7 @@ import pytest
 from havir.cli import main
 from havir.masks import build_masks, definition_for
 from havir.nsd.layout import NSDLayout
-from havir.prepare import load_split
+from havir.prepare import load_split, prepare_subject
 from tests.conftest import json_of
 
 
@@ -134,3 +134,32 @@ def test_fewer_sessions_read_fewer_trials(two_subject_nsd, tmp_path, run_cli):
     assert summary["sessions"] == 2
     assert summary["train_trials"] + summary["test_trials"] == 2 * truth.subjects[1].trials_per_session
     assert summary["test_trials"] < truth.subjects[1].test_trials
+
+
+def test_interrupted_prepare_resumes_after_the_last_session(small_nsd, tmp_path, monkeypatch):
+    import havir.prepare
+
+    root, _ = small_nsd
+    whole = prepare_subject(root, 1, tmp_path / "whole", progress=False)
+    original, calls = havir.prepare.read_masked_betas, {"n": 0}
+
+    def dies_in_session_two(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(havir.prepare, "read_masked_betas", dies_in_session_two)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_subject(root, 1, tmp_path / "resumed", progress=False)
+    assert not (tmp_path / "resumed/subj01.h5").exists() and (tmp_path / "resumed/.subj01.h5.partial").exists()
+    monkeypatch.setattr(havir.prepare, "read_masked_betas", original)
+    resumed = prepare_subject(root, 1, tmp_path / "resumed", progress=False)
+    assert resumed["resumed_sessions"] == 1 and whole["resumed_sessions"] == 0
+    assert not (tmp_path / "resumed/.subj01.h5.partial").exists()
+    with h5py.File(tmp_path / "whole/subj01.h5") as a, h5py.File(tmp_path / "resumed/subj01.h5") as b:
+        names = []
+        a.visit(lambda name: names.append(name) if isinstance(a[name], h5py.Dataset) else None)
+        for name in names:
+            np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
+        assert set(b.attrs) == set(a.attrs)
