@@ -224,14 +224,13 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
     """
     from havir.models.decoders import SemanticExtractor, StructuralGenerator
     from havir.models.ridge import RidgeDecoder
-    from havir.train import TrainConfig, load_training_data
+    from havir.train import load_test_data
 
     record_path = Path(run) / "summary.json"
     if not record_path.is_file():
         raise FileNotFoundError(f"{run} holds no finished training run (no summary.json): run `havir train` first")
     record = json.loads(record_path.read_text()) | json.loads((Path(run) / "run.json").read_text())
-    config = TrainConfig.from_toml(Path(run) / "config.toml")
-    test = load_training_data(Path(record["data"]), record["subject"], config).test
+    test = load_test_data(Path(record["data"]), record["subject"])
     with torch.no_grad():
         if record["model"] == "ridge":
             ridge = RidgeDecoder.from_pretrained(Path(run) / "ridge", device=str(device))

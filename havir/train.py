@@ -129,8 +129,8 @@ def _averaged(betas: np.ndarray, nsd_id: np.ndarray) -> tuple[np.ndarray, np.nda
     return (sums / np.bincount(inverse)[:, None]).astype(np.float32), images
 
 
-def load_training_data(data: Path, subject: int, config: TrainConfig) -> TrainingData:
-    """Join a subject's prepared betas with its cached features and split them."""
+def _inputs(data: Path, subject: int) -> tuple[Path, Path, np.ndarray]:
+    """The subject's prepared file, its features cache and the cache's image ids, checked."""
     check_subject(subject)
     prepared = Path(data) / f"subj{subject:02d}.h5"
     if not prepared.is_file():
@@ -144,35 +144,60 @@ def load_training_data(data: Path, subject: int, config: TrainConfig) -> Trainin
                 f"{cache} holds features of subject {h5.attrs.get('subject')} (format {h5.attrs.get('format_version')}), "
                 f"not of subj{subject:02d} in format {FEATURES_FORMAT}: run `havir features` again"
             )
-        feature_ids = h5["nsd_id"][()]
-        features = {name: h5[name][()].astype(np.float32) for name in TARGETS}
-    train, test = load_split(prepared, "train"), load_split(prepared, "test")
-    missing = np.setdiff1d(np.union1d(train.nsd_id, test.nsd_id), feature_ids)
+        return prepared, cache, h5["nsd_id"][()]
+
+
+def _check_covered(cache: Path, feature_ids: np.ndarray, nsd_ids: np.ndarray) -> None:
+    missing = np.setdiff1d(nsd_ids, feature_ids)
     if missing.size:
         raise ValueError(f"{cache} lacks features of {missing.size} images of the prepared data: run `havir features` again")
 
-    def split(structural, semantic, nsd_id) -> Split:
-        rows = np.searchsorted(feature_ids, nsd_id)
-        return Split(structural, semantic, *(features[name][rows] for name in TARGETS), nsd_id)
+
+def _averaged_split(structural, semantic, nsd_id, features: dict[str, np.ndarray], feature_ids) -> Split:
+    """Repetition averages of each image, with its targets (``features`` rows by ``feature_ids``)."""
+    averaged_structural, ids = _averaged(structural, nsd_id)
+    rows = np.searchsorted(feature_ids, ids)
+    return Split(averaged_structural, _averaged(semantic, nsd_id)[0], *(features[name][rows] for name in TARGETS), ids)
+
+
+def load_test_data(data: Path, subject: int) -> Split:
+    """The test images of a subject (repetition averages) with their targets, reading only their rows."""
+    prepared, cache, feature_ids = _inputs(data, subject)
+    test = load_split(prepared, "test")
+    _check_covered(cache, feature_ids, test.nsd_id)
+    ids = np.unique(test.nsd_id)
+    with h5py.File(cache, "r") as h5:
+        rows = np.searchsorted(feature_ids, ids).tolist()  # ascending, as h5py's fancy reads require
+        features = {name: h5[name][rows].astype(np.float32) for name in TARGETS}
+    return _averaged_split(test.structural, test.semantic, test.nsd_id, features, ids)
+
+
+def load_training_data(data: Path, subject: int, config: TrainConfig) -> TrainingData:
+    """Join a subject's prepared betas with its cached features and split them."""
+    prepared, cache, feature_ids = _inputs(data, subject)
+    with h5py.File(cache, "r") as h5:  # training needs nearly every row: read each target once
+        features = {name: h5[name][()].astype(np.float32) for name in TARGETS}
+    train, test = load_split(prepared, "train"), load_split(prepared, "test")
+    _check_covered(cache, feature_ids, np.union1d(train.nsd_id, test.nsd_id))
 
     rng = np.random.default_rng(config.seed)
     train_images = np.unique(train.nsd_id)
     val_images = rng.choice(train_images, size=max(2, int(round(config.val_fraction * len(train_images)))), replace=False)
     is_val = np.isin(train.nsd_id, val_images)
+    fit_rows = ~is_val
     if config.use_trials:
-        fit = split(train.structural[~is_val], train.semantic[~is_val], train.nsd_id[~is_val])
+        rows = np.searchsorted(feature_ids, train.nsd_id[fit_rows])
+        fit = Split(train.structural[fit_rows], train.semantic[fit_rows], *(features[name][rows] for name in TARGETS),
+                    train.nsd_id[fit_rows])
     else:
-        structural, ids = _averaged(train.structural[~is_val], train.nsd_id[~is_val])
-        fit = split(structural, _averaged(train.semantic[~is_val], train.nsd_id[~is_val])[0], ids)
+        fit = _averaged_split(train.structural[fit_rows], train.semantic[fit_rows], train.nsd_id[fit_rows], features, feature_ids)
     if config.shuffle_control:
         order = rng.permutation(len(fit.nsd_id))
         fit = dataclasses.replace(fit, **{name: value[order] for name, value in fit.targets().items()}, nsd_id=fit.nsd_id[order])
-    val_structural, val_ids = _averaged(train.structural[is_val], train.nsd_id[is_val])
-    test_structural, test_ids = _averaged(test.structural, test.nsd_id)
     return TrainingData(
         fit=fit,
-        val=split(val_structural, _averaged(train.semantic[is_val], train.nsd_id[is_val])[0], val_ids),
-        test=split(test_structural, _averaged(test.semantic, test.nsd_id)[0], test_ids),
+        val=_averaged_split(train.structural[is_val], train.semantic[is_val], train.nsd_id[is_val], features, feature_ids),
+        test=_averaged_split(test.structural, test.semantic, test.nsd_id, features, feature_ids),
     )
 
 

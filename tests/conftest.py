@@ -64,3 +64,23 @@ def trainable(two_subject_nsd, tmp_path_factory):
     prepare_subject(root, 1, data, progress=False)
     compute_features(data, 1, model="tiny", progress=False)
     return data, truth
+
+
+@pytest.fixture
+def interrupt_on_call(monkeypatch):
+    """``arm(module, name, n)`` makes ``module.name`` raise KeyboardInterrupt (a user's Ctrl-C)
+    on its n-th call; it returns a function that puts the original back."""
+
+    def arm(module, name: str, n: int):
+        original, calls = getattr(module, name), {"n": 0}
+
+        def interrupted(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(module, name, interrupted)
+        return lambda: monkeypatch.setattr(module, name, original)
+
+    return arm

@@ -99,26 +99,17 @@ def _stimuli_of(data):
     return Path(json.loads((data / "subj01.json").read_text())["nsd_root"]) / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
 
 
-def test_interrupted_run_resumes_and_ends_identical(prepared, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_and_ends_identical(prepared, interrupt_on_call):
     reference = compute_features(prepared, 1, model="tiny", batch_size=8, progress=False)
     with h5py.File(reference["output"]) as h5:
         expected = {name: h5[name][()] for name in ("nsd_id", "vae_latents", "clip_image", "clip_text")}
     features_path(prepared, 1).unlink()
 
-    calls = {"n": 0}
-    original = havir.features.encode_clip_texts
-
-    def interrupted(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(havir.features, "encode_clip_texts", interrupted)
+    restore = interrupt_on_call(havir.features, "encode_clip_texts", 3)
     with pytest.raises(KeyboardInterrupt):
         compute_features(prepared, 1, model="tiny", batch_size=8, progress=False)
     assert not features_path(prepared, 1).exists(), "an unfinished cache must not take the final name"
-    monkeypatch.setattr(havir.features, "encode_clip_texts", original)
+    restore()
     resumed = compute_features(prepared, 1, model="tiny", batch_size=8, progress=False)
     assert resumed["resumed_from"] == 16
     with h5py.File(resumed["output"]) as h5:

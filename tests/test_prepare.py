@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import havir.prepare
 from havir.cli import main
 from havir.masks import build_masks, definition_for
 from havir.nsd.layout import NSDLayout
@@ -136,24 +137,14 @@ def test_fewer_sessions_read_fewer_trials(two_subject_nsd, tmp_path, run_cli):
     assert summary["test_trials"] < truth.subjects[1].test_trials
 
 
-def test_interrupted_prepare_resumes_after_the_last_session(small_nsd, tmp_path, monkeypatch):
-    import havir.prepare
-
+def test_interrupted_prepare_resumes_after_the_last_session(small_nsd, tmp_path, interrupt_on_call):
     root, _ = small_nsd
     whole = prepare_subject(root, 1, tmp_path / "whole", progress=False)
-    original, calls = havir.prepare.read_masked_betas, {"n": 0}
-
-    def dies_in_session_two(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(havir.prepare, "read_masked_betas", dies_in_session_two)
+    restore = interrupt_on_call(havir.prepare, "read_masked_betas", 2)
     with pytest.raises(KeyboardInterrupt):
         prepare_subject(root, 1, tmp_path / "resumed", progress=False)
     assert not (tmp_path / "resumed/subj01.h5").exists() and (tmp_path / "resumed/.subj01.h5.partial").exists()
-    monkeypatch.setattr(havir.prepare, "read_masked_betas", original)
+    restore()
     resumed = prepare_subject(root, 1, tmp_path / "resumed", progress=False)
     assert resumed["resumed_sessions"] == 1 and whole["resumed_sessions"] == 0
     assert not (tmp_path / "resumed/.subj01.h5.partial").exists()

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import h5py
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -63,23 +64,16 @@ def test_training_data_is_wired_from_the_right_sets(trainable):
     assert set(data.val.nsd_id).isdisjoint(data.fit.nsd_id) and set(data.test.nsd_id).isdisjoint(data.fit.nsd_id)
 
 
-def test_interrupted_run_resumes_to_the_same_weights(trainable, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_weights(trainable, tmp_path, interrupt_on_call):
     data_dir, _ = trainable
     config = dataclasses.replace(TINY, epochs=4)
     train_subject(data_dir, 1, tmp_path / "whole", config=config, device="cpu", progress=False)
 
-    original, calls = havir.train._losses, {"n": 0}
-
-    def dies_mid_epoch_three(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2 * 15 + 2 + 5:  # (steps + one validation) per epoch, into the third epoch
-            raise KeyboardInterrupt
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(havir.train, "_losses", dies_mid_epoch_three)
+    # (15 steps + one validation) per epoch: the 37th call falls inside the third epoch.
+    restore = interrupt_on_call(havir.train, "_losses", 2 * 16 + 5)
     with pytest.raises(KeyboardInterrupt):
         train_subject(data_dir, 1, tmp_path / "resumed", config=config, device="cpu", progress=False)
-    monkeypatch.setattr(havir.train, "_losses", original)
+    restore()
     assert json.loads((tmp_path / "resumed/checkpoint/state.json").read_text())["epoch"] == 2
     summary = train_subject(data_dir, 1, tmp_path / "resumed", config=config, device="cpu", progress=False)
     for name in ("structural", "semantic"):
@@ -152,3 +146,11 @@ def test_features_of_another_subject_are_refused(trainable, tmp_path):
 def test_vd_other_than_the_features_is_refused(trainable, tmp_path):
     with pytest.raises(ValueError, match="computed with --vd tiny, not full-random"):
         train_subject(trainable[0], 1, tmp_path / "run", config=TINY, vd="full-random", device="cpu", progress=False)
+
+
+def test_test_data_alone_equals_the_test_part_of_the_training_data(trainable):
+    from havir.train import load_test_data
+
+    alone, within = load_test_data(trainable[0], 1), load_training_data(trainable[0], 1, TINY).test
+    for field in dataclasses.fields(alone):
+        np.testing.assert_array_equal(getattr(alone, field.name), getattr(within, field.name), err_msg=field.name)
