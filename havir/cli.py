@@ -224,6 +224,67 @@ def reconstruct(
     _emit(summary, as_json, f"reconstructions in {out}")
 
 
+@app.command("eval")
+def eval_command(
+    recon: Annotated[Path, typer.Option("--recon", help="Folder of <nsdId>.png reconstructions (any method).")],
+    data: Annotated[Path, typer.Option("--data", help="Folder written by havir prepare (holds the test stimuli).")],
+    subject: SubjectOpt,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder for eval.json, per_image.csv, report.html (default RECON/eval).")] = None,
+    weights_dir: Annotated[Optional[Path], typer.Option("--weights-dir", help="Folder holding the feature networks' weight files (looked in first).")] = None,
+    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Score what the weights on this machine allow; list the rest under skipped.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass of a feature network.")] = 32,
+    device: DeviceOpt = "auto",
+    as_json: JsonOpt = False,
+) -> None:
+    """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
+    from havir.metrics.evaluate import evaluate_folder
+
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    evaluation = evaluate_folder(
+        recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
+        device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
+    )
+    summary = evaluation.summary()
+    if as_json:
+        _emit(summary, as_json, "")
+        return
+    table = Table("metric", "mean", "95% CI", "network", title=f"{summary['n']} reconstructions of subj{subject:02d}", title_justify="left")
+    for name, score in evaluation.scores.items():
+        table.add_row(name, f"{score.mean:.4f}", f"[{score.interval[0]:.4f}, {score.interval[1]:.4f}]", score.network)
+    stdout_console.print(table)
+    for name, reason in evaluation.skipped.items():
+        stdout_console.print(f"skipped {name}: {reason}", markup=False, highlight=False)
+    stdout_console.print(f"report: {evaluation.outputs['report']}", markup=False, highlight=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Folder for every stage's output (the synthetic NSD, data, run, reconstructions, report).")] = Path("demo-out"),
+    images: Annotated[int, typer.Option("--images", help="Images of the synthetic subject (a tenth are held out for testing).")] = 200,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of the tiny decoders.")] = 20,
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps of the fused and semantic reconstructions.")] = 20,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the data, the training and the sampling.")] = 0,
+    device: DeviceOpt = "cpu",
+    as_json: JsonOpt = False,
+) -> None:
+    """The whole pipeline on a synthetic NSD with small models, offline, ending in an HTML report."""
+    from havir.demo import run_demo
+
+    if images < 50:
+        raise ValueError(f"--images must be at least 50 (a tenth are the test images), got {images}")
+    summary = run_demo(out, images=images, epochs=epochs, fused_steps=steps, seed=seed, device=device,
+                       progress=not as_json or sys.stderr.isatty())
+    if as_json:
+        _emit(summary, as_json, "")
+        return
+    table = Table("mode", *next(iter(summary["modes"].values())), title=f"demo: {summary['test_images']} held-out synthetic images", title_justify="left")
+    for mode, metrics in summary["modes"].items():
+        table.add_row(mode, *(f"{value:.3f}" for value in metrics.values()))
+    stdout_console.print(table)
+    stdout_console.print(f"finished in {summary['seconds']:.0f} s; open the report: {summary['report']}", markup=False, highlight=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2.
 

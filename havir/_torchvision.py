@@ -1,0 +1,52 @@
+"""Make PyPI's torchvision importable beside the CPU build of torch.
+
+PyPI's torchvision wheel is built against CUDA torch; beside the CPU wheel its compiled
+extension (`_C.so`) fails to load, and `import torchvision` then dies registering fake kernels
+for `torchvision::nms` and `torchvision::qnms`, operators that only the extension defines.
+transformers and diffusers import torchvision whenever it is installed, so the failure breaks
+the whole toolkit, not just evaluation. When (and only when) the extension cannot load, the two
+operator schemas are declared here, without kernels: the models, feature extraction and
+transforms HAVIR uses then work; `torchvision.ops` detection operators stay unavailable.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+
+# Kept referenced for the life of the process: dropping the Library object unregisters the ops.
+_SCHEMA_LIBRARY: torch.library.Library | None = None
+
+_MISSING_SCHEMAS = {
+    "nms": "nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+    "qnms": "qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor",
+}
+
+
+def ensure_torchvision_importable() -> bool:
+    """Declare torchvision's operator schemas if its extension cannot load.
+
+    Returns True when the schemas were declared (the compiled extension is unusable here),
+    False when torchvision is absent, already imported, or its extension loads.
+    """
+    global _SCHEMA_LIBRARY
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or spec.origin is None or _SCHEMA_LIBRARY is not None:
+        return False
+    import sys
+
+    if "torchvision" in sys.modules:
+        return False
+    extensions = sorted(Path(spec.origin).parent.glob("_C.*"))
+    if extensions:
+        try:
+            torch.ops.load_library(str(extensions[0]))
+            return False
+        except OSError:
+            pass
+    _SCHEMA_LIBRARY = torch.library.Library("torchvision", "DEF")
+    for schema in _MISSING_SCHEMAS.values():
+        _SCHEMA_LIBRARY.define(schema)
+    return True

@@ -1,0 +1,9 @@
+"""Evaluation with the field's protocol (``eval-protocol.md``): scores, networks, and ``havir eval``.
+
+- :mod:`havir.metrics.scores`: PixCorr, SSIM, two-way identification, correlation distance and
+  bootstrap intervals, per image.
+- :mod:`havir.metrics.networks`: the protocol's feature networks, their weights and layers.
+- :mod:`havir.metrics.evaluate`: scoring a folder of ``<nsdId>.png`` against a subject's test
+  images, and the result files.
+- :mod:`havir.metrics.standin`: EfficientNet-Lite0, the offline stand-in network of the demo.
+"""

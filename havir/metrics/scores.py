@@ -1,0 +1,159 @@
+"""The field's image-reconstruction scores, per image, as ``eval-protocol.md`` defines them.
+
+Every function returns one score per image (so that means, confidence intervals and the per-image
+CSV come from the same numbers); the reported metric is the mean. Inputs follow one convention:
+
+``ground_truth`` / ``reconstructions`` : arrays of shape (n_images, ...), row i of one is the
+    pair of row i of the other.
+``images`` : uint8 arrays (n, height, width, 3) or float arrays in [0, 1] of the same shape.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from skimage.color import rgb2gray
+from skimage.metrics import structural_similarity
+
+# Feature columns correlated per step: bounds the float64 copies of the feature matrices
+# (AlexNet's features.4 has 140,000 columns; 1000 images of them are 1.1 GB in float64).
+_COLUMN_BLOCK = 16384
+
+
+def as_unit_float(images: np.ndarray) -> np.ndarray:
+    """Images as float64 in [0, 1]: uint8 is divided by 255, floats are checked to lie in [0, 1]."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images.astype(np.float64) / 255.0
+    if not np.issubdtype(images.dtype, np.floating):
+        raise TypeError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
+    if images.size and (images.min() < 0 or images.max() > 1):
+        raise ValueError(f"float images must lie in [0, 1], got values in [{images.min():.3g}, {images.max():.3g}]")
+    return images.astype(np.float64)
+
+
+def resize_images(images: np.ndarray | torch.Tensor, side: int) -> torch.Tensor:
+    """Resize (n, h, w, 3) images in [0, 1] (or uint8) to (n, 3, side, side) float32, bilinear with
+    antialiasing: torchvision's ``Resize`` on tensors, as the published evaluation code runs it."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2.functional import resize
+
+    batch = torch.as_tensor(np.asarray(images))
+    batch = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
+    batch = batch.permute(0, 3, 1, 2)
+    if batch.shape[-2:] == (side, side):
+        return batch.contiguous()
+    return resize(batch, [side, side], interpolation=InterpolationMode.BILINEAR, antialias=True).clamp(0, 1)
+
+
+def _at_ground_truth_size(reconstructions: np.ndarray, side: int) -> np.ndarray:
+    """Reconstructions in float64 [0, 1] at the ground truth's (square) size, (n, side, side, 3)."""
+    if reconstructions.shape[1:3] == (side, side):
+        return as_unit_float(reconstructions)
+    return resize_images(reconstructions, side).permute(0, 2, 3, 1).double().numpy()
+
+
+def _check_pairs(ground_truth: np.ndarray, reconstructions: np.ndarray) -> None:
+    if len(ground_truth) != len(reconstructions):
+        raise ValueError(f"{len(ground_truth)} ground-truth images but {len(reconstructions)} reconstructions")
+    if len(ground_truth) == 0:
+        raise ValueError("no images to score")
+    if ground_truth.ndim != 4 or ground_truth.shape[1] != ground_truth.shape[2] or ground_truth.shape[3] != 3:
+        raise ValueError(f"ground truth must be square RGB images (n, s, s, 3), got shape {ground_truth.shape}")
+    if reconstructions.ndim != 4 or reconstructions.shape[3] != 3:
+        raise ValueError(f"reconstructions must be RGB images (n, h, w, 3), got shape {reconstructions.shape}")
+
+
+def pixcorr(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """PixCorr per image: Pearson r between the flattened RGB pixels of the ground truth and the
+    reconstruction resized (bilinear) to the ground truth's size, both in [0, 1]. Shape (n,)."""
+    _check_pairs(ground_truth, reconstructions)
+    truth = as_unit_float(ground_truth).reshape(len(ground_truth), -1)
+    recon = _at_ground_truth_size(reconstructions, ground_truth.shape[1]).reshape(len(ground_truth), -1)
+    return row_correlations(truth, recon)
+
+
+def ssim(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """SSIM per image, on grayscale at the ground truth's size: scikit-image's 2-D SSIM with
+    Gaussian weights (sigma 1.5), population covariance and data range 1 (Wang et al. 2004).
+    ``channel_axis=None`` on 2-D grayscale is the true 2-D SSIM (the old ``multichannel`` trap
+    computed a per-column 1-D one). Shape (n,)."""
+    _check_pairs(ground_truth, reconstructions)
+    truth = as_unit_float(ground_truth)
+    recon = _at_ground_truth_size(reconstructions, ground_truth.shape[1])
+    return np.array([
+        structural_similarity(
+            rgb2gray(t), rgb2gray(r), gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False, data_range=1.0, channel_axis=None,
+        )
+        for t, r in zip(truth, recon)
+    ])
+
+
+def _standardised_blocks(features: np.ndarray):
+    """Yield column blocks of the rows of ``features`` centred and scaled to unit norm (float64)."""
+    rows = np.asarray(features).reshape(len(features), -1)
+    mean = rows.mean(axis=1, dtype=np.float64)
+    norm = np.sqrt(np.maximum(np.einsum("ij,ij->i", rows, rows, dtype=np.float64) - rows.shape[1] * mean**2, 0))
+    if np.any(norm == 0):
+        raise ValueError("a feature vector is constant (zero variance): its correlation is undefined")
+    for start in range(0, rows.shape[1], _COLUMN_BLOCK):
+        block = rows[:, start : start + _COLUMN_BLOCK].astype(np.float64)
+        yield (block - mean[:, None]) / norm[:, None]
+
+
+def correlation_matrix(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """C[i, j] = Pearson r between ground-truth features i and reconstruction features j, (n, n)
+    float64. Features are flattened per image; computed in column blocks to bound memory."""
+    if len(ground_truth) != len(reconstructions):
+        raise ValueError(f"{len(ground_truth)} ground-truth feature rows but {len(reconstructions)} reconstruction rows")
+    if np.asarray(ground_truth)[0].size != np.asarray(reconstructions)[0].size:
+        raise ValueError("ground-truth and reconstruction features have different sizes")
+    matrix = np.zeros((len(ground_truth), len(reconstructions)))
+    for truth, recon in zip(_standardised_blocks(ground_truth), _standardised_blocks(reconstructions)):
+        matrix += truth @ recon.T
+    return matrix
+
+
+def row_correlations(first: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """Pearson r between row i of ``first`` and row i of ``second`` (flattened), (n,) float64."""
+    if len(first) != len(second):
+        raise ValueError(f"{len(first)} rows against {len(second)} rows")
+    total = np.zeros(len(first))
+    for a, b in zip(_standardised_blocks(first), _standardised_blocks(second)):
+        total += np.einsum("ij,ij->i", a, b)
+    return total
+
+
+def two_way_identification(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """Two-way identification per reconstruction: with C = :func:`correlation_matrix`, the
+    fraction of the other n - 1 ground truths i != j with C[i, j] < C[j, j]. Chance is 0.5; the
+    metric is the mean over j (MindEye's and Brain-Diffuser's definition). Shape (n,)."""
+    n = len(ground_truth)
+    if n < 2:
+        raise ValueError("two-way identification needs at least two images")
+    matrix = correlation_matrix(ground_truth, reconstructions)
+    own = np.diag(matrix)
+    return (matrix < own[None, :]).sum(axis=0) / (n - 1)  # the diagonal is never < itself
+
+
+def correlation_distance(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+    """1 - Pearson r between ground-truth and reconstruction features of each image, (n,).
+    Lower is better (EffNet-B and SwAV)."""
+    return 1.0 - row_correlations(ground_truth, reconstructions)
+
+
+def bootstrap_interval(
+    per_image: np.ndarray, *, resamples: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap confidence interval of the mean of ``per_image`` scores.
+
+    Images are resampled with replacement. For identification the per-image fractions are
+    resampled while each fraction keeps its comparison set of all n images.
+    """
+    scores = np.asarray(per_image, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    means = scores[rng.integers(0, len(scores), size=(resamples, len(scores)))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return float(low), float(high)

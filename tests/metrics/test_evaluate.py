@@ -1,0 +1,133 @@
+"""`havir eval`: scoring folders of reconstructions, its outputs, and its errors."""
+
+import csv
+import json
+import shutil
+
+import h5py
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from havir.metrics.evaluate import evaluate_folder, load_ground_truth
+from havir.metrics.networks import load_protocol_network
+from tests.conftest import json_of
+
+
+@pytest.fixture(scope="module")
+def random_networks():
+    """Protocol architectures with random weights, built through the API (never the CLI)."""
+    return {name: load_protocol_network(name, random_weights=True) for name in ("alexnet", "effnet")}
+
+
+def _write_folder(folder, nsd_ids, images, mode=None):
+    folder.mkdir(parents=True)
+    for nsd_id, image in zip(nsd_ids, images):
+        PIL.Image.fromarray(image).save(folder / f"{int(nsd_id)}.png")
+    if mode:
+        (folder / "manifest.json").write_text(json.dumps({"mode": mode}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def truth(trainable):
+    data, _ = trainable
+    nsd_ids, images, _ = load_ground_truth(data, 1)
+    return data, nsd_ids, images
+
+
+def test_perfect_reconstructions_score_perfectly(truth, random_networks, tmp_path):
+    data, nsd_ids, images = truth
+    recon = _write_folder(tmp_path / "recon" / "fused", nsd_ids, images, mode="fused")
+    evaluation = evaluate_folder(recon, data, 1, networks=random_networks, progress=False, resamples=50)
+    metrics = {name: score.mean for name, score in evaluation.scores.items()}
+    assert metrics["pixcorr"] == pytest.approx(1.0) and metrics["ssim"] == pytest.approx(1.0)
+    assert metrics["alexnet2"] == 1.0 and metrics["alexnet5"] == 1.0
+    assert metrics["effnet"] == pytest.approx(0.0, abs=1e-6)
+    summary = evaluation.summary()
+    assert summary["n"] == len(nsd_ids) == 20
+    # Random-weight networks are never reported as protocol numbers.
+    assert set(summary["metrics"]) == {"pixcorr", "ssim"}
+    assert "RANDOM" in summary["non_protocol_metrics"]["alexnet2"]["network"]
+    assert summary["protocol"]["data"] == {"subject": 1, "sessions": 4, "test_images": 20}
+
+
+def test_shuffled_reconstructions_score_at_chance(truth, random_networks, tmp_path):
+    data, nsd_ids, images = truth
+    shuffled = images[np.random.default_rng(0).permutation(len(images))]
+    evaluation = evaluate_folder(_write_folder(tmp_path / "shuffled", nsd_ids, shuffled), data, 1,
+                                 networks=random_networks, progress=False, resamples=50)
+    assert abs(evaluation.scores["alexnet5"].mean - 0.5) < 0.15
+    assert evaluation.scores["pixcorr"].mean < 0.5
+
+
+def test_outputs_csv_json_and_report(truth, random_networks, tmp_path):
+    data, nsd_ids, images = truth
+    rng = np.random.default_rng(1)
+    noisy = np.clip(images + rng.normal(scale=40, size=images.shape), 0, 255).astype(np.uint8)
+    _write_folder(tmp_path / "recon" / "structural", nsd_ids, noisy, mode="structural")
+    recon = _write_folder(tmp_path / "recon" / "fused", nsd_ids, noisy[::-1].copy(), mode="fused")
+    _write_folder(tmp_path / "recon" / "partial", nsd_ids[:2], noisy[:2], mode="semantic")  # a --limit run
+    evaluation = evaluate_folder(recon, data, 1, networks=random_networks, progress=False, resamples=50)
+    out = recon / "eval"
+    with open(out / "per_image.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["nsd_id"]) for r in rows] == list(nsd_ids)
+    np.testing.assert_allclose([float(r["ssim"]) for r in rows], evaluation.scores["ssim"].per_image, atol=1e-6)
+    record = json.loads((out / "eval.json").read_text())
+    low, high = record["intervals_95"]["pixcorr"]
+    assert low <= record["metrics"]["pixcorr"] <= high
+    assert record["protocol"]["versions"]["scikit-image"]
+    assert [row["method"] for row in record["comparison"]][-1] == "this run"
+    page = (out / "report.html").read_text()
+    assert page.count("<img") == 1 + 12 * 3  # the chart; stimulus | structural | fused for the first 12
+    assert "RANDOM weights" in page and "MindEye2" in page and "40 sessions" in page
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def offline_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+
+
+def test_cli_missing_weights_stop_with_one_line(truth, tmp_path, run_cli, offline_caches):
+    data, nsd_ids, images = truth
+    recon = _write_folder(tmp_path / "recon", nsd_ids, images)
+    status, out, err = run_cli("eval", "--recon", recon, "--data", data, "--subject", 1)
+    assert status == 2 and "alexnet-owt-7be5be79.pth" in err and "Traceback" not in err
+    assert not (recon / "eval" / "eval.json").exists()
+
+
+def test_cli_skip_missing_lists_what_was_skipped(truth, tmp_path, run_cli, offline_caches):
+    data, nsd_ids, images = truth
+    recon = _write_folder(tmp_path / "recon", nsd_ids, images)
+    status, out, err = run_cli("eval", "--recon", recon, "--data", data, "--subject", 1, "--skip-missing", "--json")
+    assert status == 0, err
+    result = json_of(out)
+    assert result["n"] == 20 and set(result["metrics"]) == {"pixcorr", "ssim"}
+    assert set(result["skipped"]) == {"alexnet2", "alexnet5", "inception", "clip", "effnet", "swav"}
+    assert "swav_800ep_pretrain.pth.tar" in result["skipped"]["swav"]
+    assert {"networks", "versions", "data"} <= set(result["protocol"])
+    assert (recon / "eval" / "report.html").is_file()
+
+
+def test_cli_mismatched_sets_name_the_ids(truth, tmp_path, run_cli, offline_caches):
+    data, nsd_ids, images = truth
+    recon = _write_folder(tmp_path / "recon", nsd_ids, images)
+    (recon / f"{int(nsd_ids[3])}.png").unlink()
+    status, _, err = run_cli("eval", "--recon", recon, "--data", data, "--subject", 1, "--skip-missing")
+    assert status == 2 and f"nsdId {int(nsd_ids[3])}" in err and "lacks 1 of the 20" in err
+    shutil.copy(recon / f"{int(nsd_ids[0])}.png", recon / f"{int(nsd_ids[3])}.png")
+    shutil.copy(recon / f"{int(nsd_ids[0])}.png", recon / "99999.png")
+    status, _, err = run_cli("eval", "--recon", recon, "--data", data, "--subject", 1, "--skip-missing")
+    assert status == 2 and "99999" in err and "not this subject's test images" in err
+    status, _, err = run_cli("eval", "--recon", tmp_path / "nowhere", "--data", data, "--subject", 1)
+    assert status == 2 and "does not exist" in err
+    status, _, err = run_cli("eval", "--recon", recon, "--data", tmp_path, "--subject", 1)
+    assert status == 2 and "havir prepare" in err
