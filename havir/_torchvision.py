@@ -12,6 +12,7 @@ transforms HAVIR uses then work; `torchvision.ops` detection operators stay unav
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import torch
@@ -35,8 +36,6 @@ def ensure_torchvision_importable() -> bool:
     spec = importlib.util.find_spec("torchvision")
     if spec is None or spec.origin is None or _SCHEMA_LIBRARY is not None:
         return False
-    import sys
-
     if "torchvision" in sys.modules:
         return False
     extensions = sorted(Path(spec.origin).parent.glob("_C.*"))
