@@ -11,6 +11,9 @@ on its own, since on a GPU it can become the bottleneck.
     python bench/bench_features.py [--model tiny|full-random] [--device auto] [--dtype auto]
                                    [--batch-sizes 16,64] [--repeats 3]
 
+The model defaults to ``full-random`` (the released architecture) on CUDA and to ``tiny`` without
+CUDA, where the full model would take hours; the result file says which and why.
+
 Writes ``bench/results/features-<model>-<device>-<date>.json``.
 """
 
@@ -18,37 +21,19 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import havir
-from havir.devices import matmul_rate, resolve_device, resolve_dtype, synchronise
+from havir.devices import describe, matmul_rate, resolve_device, resolve_dtype, timed
 from havir.features import _as_pil, encode_clip_images, encode_clip_texts, encode_vae_latents
 from havir.io import write_json
 from havir.models.versatile import load_versatile_diffusion
 
 CAPTIONS_PER_IMAGE = 5
 STIMULUS_SIDE = 425  # NSD's stimuli
-
-
-
-def timed(function, device: torch.device, repeats: int) -> float:
-    """Best wall time of ``repeats`` calls after one warm-up call, synchronised on CUDA."""
-    function()
-    synchronise(device)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        synchronise(device)
-        best = min(best, time.perf_counter() - start)
-    return best
-
 
 
 def flops_per_image(stage, images, texts) -> int:
@@ -59,7 +44,7 @@ def flops_per_image(stage, images, texts) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny")
+    parser.add_argument("--model", default=None, help="default: full-random on CUDA, tiny without")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-sizes", default="16,64")
@@ -69,7 +54,8 @@ def main() -> None:
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    vd = load_versatile_diffusion(args.model, device=device, dtype=dtype)
+    model = args.model or ("full-random" if device.type == "cuda" else "tiny")
+    vd = load_versatile_diffusion(model, device=device, dtype=dtype)
     rng = np.random.default_rng(0)
     largest = max(int(b) for b in args.batch_sizes.split(","))
     images = rng.integers(0, 256, size=(largest, STIMULUS_SIDE, STIMULUS_SIDE, 3), dtype=np.uint8)
@@ -89,17 +75,19 @@ def main() -> None:
         batch, batch_texts = images[:batch_size], texts[: batch_size * CAPTIONS_PER_IMAGE]
         row = {}
         for name, stage in stages.items():
-            seconds = timed(lambda: stage(batch, batch_texts), device, args.repeats)
+            repeats = timed(lambda: stage(batch, batch_texts), device, args.repeats)
+            seconds = min(repeats)
             floor = flops[name] * batch_size / rate
             row[name] = {
                 "seconds_per_batch": seconds,
+                "seconds_per_batch_repeats": repeats,
                 "images_per_second": batch_size / seconds,
                 "floor_seconds_per_batch": floor,
                 "fraction_of_floor": floor / seconds,
             }
-        row["cpu_preprocessing_seconds_per_batch"] = timed(
+        row["cpu_preprocessing_seconds_per_batch"] = min(timed(
             lambda: (vd.image_processor(images=_as_pil(batch), return_tensors="pt"), _as_pil(batch)), torch.device("cpu"), args.repeats
-        )
+        ))
         results[str(batch_size)] = row
         all_rate = row["all"]["images_per_second"]
         print(
@@ -112,10 +100,9 @@ def main() -> None:
     result = {
         "benchmark": "features: training-target throughput",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-        "versions": {"havir": havir.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        **describe(device),
         "settings": {
-            "model": args.model, "dtype": str(dtype), "image_side": vd.image_side, "stimulus_side": STIMULUS_SIDE,
+            "model": model, "model_chosen": "--model" if args.model else "default on CUDA" if device.type == "cuda" else "default without CUDA (CPU-sized)", "dtype": str(dtype), "image_side": vd.image_side, "stimulus_side": STIMULUS_SIDE,
             "captions_per_image": CAPTIONS_PER_IMAGE, "repeats": args.repeats, "timer": "best of repeats after a warm-up, synchronised",
         },
         "matmul_flops_per_second": rate,
@@ -123,7 +110,7 @@ def main() -> None:
         "by_batch_size": results,
     }
     tag = "cuda" if device.type == "cuda" else "cpu"
-    out = args.out or Path(__file__).parent / "results" / f"features-{args.model}-{tag}-{datetime.date.today()}.json"
+    out = args.out or Path(__file__).parent / "results" / f"features-{model}-{tag}-{datetime.date.today()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     print(f"results: {out}")

@@ -6,11 +6,12 @@ grid x 750 trials of int16, in both release formats (gzip NIfTI and voxel-chunke
 15724-voxel mask (subject 1's ``nsdgeneral`` count). Each method runs in a fresh subprocess so
 that its peak memory is its own; every method's output is checked against the others'.
 
-    python bench/bench_prepare.py [--sessions 1] [--work bench/work] [--out FILE.json]
+    python bench/bench_prepare.py [--sessions 1] [--repeats 3] [--work bench/work] [--out FILE.json]
 
 The synthetic sessions (about 1.4 GB per session for both formats) are written once under
 ``--work`` and reused. Files are read with a warm page cache: each is read once before it is
-timed, so the figures are decoding and selection costs, not disk speed.
+timed (the warm-up), so the figures are decoding and selection costs, not disk speed. Each method
+reads each session ``--repeats`` times, each time in a fresh process.
 """
 
 from __future__ import annotations
@@ -218,11 +219,14 @@ def measure_in_subprocess(method: str, betas_path: Path, mask_path: Path, save_p
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def warm_page_cache(path: Path) -> None:
-    """Read the file once so every method finds it in the page cache."""
+def read_whole_file(path: Path) -> float:
+    """Read the file sequentially, discarding it; the seconds it took. Run once, it puts the
+    file in the page cache for every method; run again, it measures the page cache's bandwidth."""
+    start = time.perf_counter()
     with open(path, "rb", buffering=0) as stream:
         while stream.read(16 * MIB):
             pass
+    return time.perf_counter() - start
 
 
 def time_gunzip(path: Path) -> tuple[float, int]:
@@ -328,7 +332,11 @@ def print_report(result: dict) -> None:
     table = Table(title="Floors: what must be read")
     for column in ("format", "file MiB", "must read MiB", "floor"):
         table.add_column(column, justify="left" if column in ("format", "floor") else "right")
-    table.add_row("hdf5", f"{hdf5['file_bytes'] / MIB:.0f}", f"{hdf5['masked_bytes'] / MIB:.1f}", "the masked voxels' chunks")
+    table.add_row(
+        "hdf5", f"{hdf5['file_bytes'] / MIB:.0f}", f"{hdf5['masked_bytes'] / MIB:.1f}",
+        f"the masked voxels' chunks at {hdf5['page_cache_read_mib_per_s']:.0f} MiB/s (page cache): {hdf5['floor_seconds']:.3f} s;\n"
+        f"HAVIR takes {hdf5['havir_over_floor']:.0f}x that",
+    )
     table.add_row(
         "nifti (gzip)",
         f"{nifti['compressed_bytes'] / MIB:.0f}",
@@ -342,7 +350,7 @@ def print_report(result: dict) -> None:
 # --- driver -------------------------------------------------------------------------------------
 
 
-def time_sessions(n_sessions: int, work: Path, voxels: np.ndarray) -> dict:
+def time_sessions(n_sessions: int, repeats: int, work: Path, voxels: np.ndarray) -> dict:
     """Time every method on each session, checking their outputs agree; the raw figures."""
     work.mkdir(parents=True, exist_ok=True)
     mask_path = work / "mask.npy"
@@ -352,30 +360,33 @@ def time_sessions(n_sessions: int, work: Path, voxels: np.ndarray) -> dict:
         "file_bytes": {fmt: [] for fmt in FORMATS},
         "gunzip_seconds": [],
         "uncompressed_bytes": [],
+        "hdf5_read_seconds": [],
     }
     for session in range(1, n_sessions + 1):
         paths = session_paths(work, session)
         ensure_session(paths, session)
         for fmt in FORMATS:
-            warm_page_cache(paths[fmt])
+            read_whole_file(paths[fmt])
             raw["file_bytes"][fmt].append(paths[fmt].stat().st_size)
+        raw["hdf5_read_seconds"].append(read_whole_file(paths["hdf5"]))
         seconds, uncompressed_bytes = time_gunzip(paths["nifti"])
         raw["gunzip_seconds"].append(seconds)
         raw["uncompressed_bytes"].append(uncompressed_bytes)
 
         outputs = {method: work / f"out-{method}.npy" for method in METHODS}
         for method, (fmt, _) in METHODS.items():
-            figures = measure_in_subprocess(method, paths[fmt], mask_path, outputs[method])
-            for name, value in figures.items():
-                raw["methods"][method][name].append(value)
-            print(f"session {session} {method}: {figures['seconds']:.3f} s, peak {figures['peak_rss_mib']:.0f} MiB", flush=True)
+            for _ in range(repeats):
+                figures = measure_in_subprocess(method, paths[fmt], mask_path, outputs[method])
+                for name, value in figures.items():
+                    raw["methods"][method][name].append(value)
+                print(f"session {session} {method}: {figures['seconds']:.3f} s, peak {figures['peak_rss_mib']:.0f} MiB", flush=True)
         check_outputs(outputs, len(voxels))
         for path in outputs.values():
             path.unlink()
     return raw
 
 
-def build_result(raw: dict, voxels: np.ndarray, n_sessions: int) -> dict:
+def build_result(raw: dict, voxels: np.ndarray, n_sessions: int, repeats: int) -> dict:
     """The result file's content: where and how it ran, each method's figures, the ratios
     against the goals, and the floors."""
     methods = {
@@ -396,6 +407,9 @@ def build_result(raw: dict, voxels: np.ndarray, n_sessions: int) -> dict:
         ratios[f"{fmt}_speedup_mean"] = naive_figures["seconds_mean"] / havir_figures["seconds_mean"]
         ratios[f"{fmt}_peak_fraction"] = havir_figures["peak_rss_mib"] / naive_figures["peak_rss_mib"]
     best_gunzip = min(raw["gunzip_seconds"])
+    masked_bytes = len(voxels) * N_TRIALS * np.dtype(np.int16).itemsize
+    hdf5_bytes = max(raw["file_bytes"]["hdf5"])
+    read_bytes_per_s = hdf5_bytes / min(raw["hdf5_read_seconds"])
     compressed_bytes, uncompressed_bytes = max(raw["file_bytes"]["nifti"]), max(raw["uncompressed_bytes"])
     return {
         "benchmark": "prepare: masked betas reading",
@@ -408,6 +422,7 @@ def build_result(raw: dict, voxels: np.ndarray, n_sessions: int) -> dict:
             "n_voxels": len(voxels),
             "mask_x_runs": x_runs(voxels),
             "sessions": n_sessions,
+            "repeats": repeats,
             "seed": SEED,
             "page_cache": "warm",
             "nifti_compresslevel": Opener.default_compresslevel,
@@ -428,8 +443,12 @@ def build_result(raw: dict, voxels: np.ndarray, n_sessions: int) -> dict:
         },
         "floors": {
             "hdf5": {
-                "masked_bytes": len(voxels) * N_TRIALS * np.dtype(np.int16).itemsize,
-                "file_bytes": max(raw["file_bytes"]["hdf5"]),
+                "masked_bytes": masked_bytes,
+                "file_bytes": hdf5_bytes,
+                "page_cache_read_mib_per_s": read_bytes_per_s / MIB,
+                # the masked voxels' bytes at the page cache's sequential read rate
+                "floor_seconds": masked_bytes / read_bytes_per_s,
+                "havir_over_floor": methods["havir-hdf5"]["seconds_best"] / (masked_bytes / read_bytes_per_s),
             },
             "nifti": {
                 "compressed_bytes": compressed_bytes,
@@ -446,6 +465,7 @@ def build_result(raw: dict, voxels: np.ndarray, n_sessions: int) -> dict:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=1, help="synthetic sessions to time (default 1)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed reads of each session per method (default 3)")
     parser.add_argument("--work", type=Path, default=BENCH_DIR / "work", help="where the synthetic sessions are cached (default bench/work)")
     parser.add_argument("--out", type=Path, default=None, help="result JSON (default bench/results/prepare-<hostname>-<date>.json)")
     commands = parser.add_subparsers(dest="command")
@@ -455,8 +475,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     child.add_argument("mask", type=Path)
     child.add_argument("save", type=Path)
     args = parser.parse_args(argv)
-    if args.sessions < 1:
-        parser.error("--sessions must be at least 1")
+    if args.sessions < 1 or args.repeats < 1:
+        parser.error("--sessions and --repeats must be at least 1")
     return args
 
 
@@ -467,8 +487,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     out = args.out or BENCH_DIR / "results" / f"prepare-{socket.gethostname()}-{datetime.date.today().isoformat()}.json"
     voxels = nsdgeneral_like_mask()
-    raw = time_sessions(args.sessions, args.work, voxels)
-    result = build_result(raw, voxels, args.sessions)
+    raw = time_sessions(args.sessions, args.repeats, args.work, voxels)
+    result = build_result(raw, voxels, args.sessions, args.repeats)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, result)
     print_report(result)

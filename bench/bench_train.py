@@ -10,6 +10,10 @@ in the same run.
     python bench/bench_train.py --size tiny                 # CPU: tiny decoders, synthetic-NSD size
     python bench/bench_train.py --size realistic            # GPU: paper decoders, one real subject
 
+Without ``--size`` it is ``realistic`` on CUDA and ``tiny`` without (the result file says which).
+The first epoch is the warm-up; the others are the repetitions (their times come after the
+epoch's losses are read back, so they are synchronised).
+
 ``realistic``: 15,724 structural and 15,724 semantic voxels (subject 1's nsdgeneral count for
 each, an upper bound), 9,000 training images x 3 trials, targets of the released model
 (4x64x64 latents, 257x768 and 77x768 tokens). Writes ``bench/results/train-<size>-<device>-<date>.json``.
@@ -20,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +32,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import havir
-from havir.devices import matmul_rate, resolve_device
+from havir.devices import describe, matmul_rate, resolve_device
 from havir.io import write_json
-from havir.train import Split, TrainConfig, TrainingData, _losses, _tensors, build_decoders, fit_decoders
+from havir.train import Decoders, Split, TrainConfig, TrainingData, _losses, _tensors, build_decoders, fit_decoders
 
 SIZES = {
     # samples, structural voxels, semantic voxels, latent (c, s), tokens dim, preset
@@ -62,21 +64,22 @@ def step_flops(data: TrainingData, config: TrainConfig, device: torch.device) ->
     semantic.to(device)
     batch = {k: v[: config.batch_size] for k, v in _tensors(data.val, device).items()}
     with FlopCounterMode(display=False) as counter, torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-        losses = _losses(structural, semantic, batch, config)
+        losses = _losses(Decoders(structural, semantic), batch, config)
         (losses["structural"] + losses["semantic"]).backward()
     return counter.get_total_flops()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=list(SIZES), default="tiny")
+    parser.add_argument("--size", choices=list(SIZES), default=None, help="default: realistic on CUDA, tiny without")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--epochs", type=int, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
-    size = SIZES[args.size]
     device = resolve_device(args.device)
+    size_name = args.size or ("realistic" if device.type == "cuda" else "tiny")
+    size = SIZES[size_name]
     epochs = args.epochs or size["epochs"]
     config = TrainConfig(preset=size["preset"], epochs=epochs, batch_size=args.batch_size)
 
@@ -100,15 +103,17 @@ def main() -> None:
     result = {
         "benchmark": "train: both decoders, fit_decoders",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu: {platform.machine()}, {torch.get_num_threads()} threads",
-        "versions": {"havir": havir.__version__, "torch": torch.__version__, "python": platform.python_version()},
-        "settings": {"size": args.size, **{k: v for k, v in size.items() if k != "epochs"}, "epochs": epochs,
+        **describe(device),
+        "settings": {"size": size_name,
+                     "size_chosen": "--size" if args.size else "default on CUDA" if device.type == "cuda" else "default without CUDA (CPU-sized)",
+                     **{k: v for k, v in size.items() if k != "epochs"}, "epochs": epochs, "epochs_timed": len(steady),
                      "batch_size": config.batch_size, "fit_samples": n_fit, "precision": "bf16 autocast" if device.type == "cuda" else "fp32"},
         "parameters": {name: sum(p.numel() for p in m.parameters()) for name, m in zip(("structural", "semantic"), build_decoders(data, config))},
         "matmul_flops_per_second": rate,
         "flops_per_step": flops,
         "floor_seconds_per_epoch": floor,
         "seconds_per_epoch": epoch_seconds,
+        "seconds_per_epoch_repeats": [e["seconds"] for e in steady],
         "checkpoint_seconds": checkpoint_seconds,
         "fraction_of_floor": floor / epoch_seconds,
         "samples_per_second": samples_per_second,
@@ -118,7 +123,7 @@ def main() -> None:
     }
     print(json.dumps({k: v for k, v in result.items() if k not in ("versions",)}, indent=1))
     tag = "cuda" if device.type == "cuda" else "cpu"
-    out = args.out or Path(__file__).parent / "results" / f"train-{args.size}-{tag}-{datetime.date.today()}.json"
+    out = args.out or Path(__file__).parent / "results" / f"train-{size_name}-{tag}-{datetime.date.today()}.json"
     write_json(out, result)
     print(f"results: {out}")
 

@@ -44,7 +44,14 @@ _USER_ERRORS = (ValueError, TypeError, OSError, MemoryError)
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
-    """Print a command's result: one JSON object with ``--json``, else a table for people."""
+    """Print a command's result: one JSON object with ``--json``, else a table for people.
+
+    Under ``accelerate launch`` only the main process prints, so ``--json`` stays one object.
+    """
+    from havir.distributed import processes
+
+    if not processes().is_main_process:
+        return
     if as_json:
         print(json.dumps(result))
         return
@@ -238,6 +245,10 @@ def eval_command(
 ) -> None:
     """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
     from havir.metrics.evaluate import evaluate_folder
+    from havir.distributed import processes
+
+    if processes().num_processes > 1:
+        raise ValueError("havir eval runs in one process: run it without accelerate launch")
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
@@ -270,6 +281,10 @@ def demo(
 ) -> None:
     """The whole pipeline on a synthetic NSD with small models, offline, ending in an HTML report."""
     from havir.demo import run_demo
+    from havir.distributed import processes
+
+    if processes().num_processes > 1:
+        raise ValueError("havir demo runs in one process: run it without accelerate launch")
 
     if images < 50:
         raise ValueError(f"--images must be at least 50 (a tenth are the test images), got {images}")

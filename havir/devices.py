@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import platform
 import time
 
 import torch
+
+from havir.distributed import processes
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` is CUDA when available, else the CPU; anything else is taken as given."""
+    """``"auto"`` is CUDA when available, else the CPU; anything else is taken as given.
+
+    Under ``accelerate launch`` (several processes) it is the device the launch gave this process
+    (``cuda:<local rank>``, or the CPU); a name must agree with it.
+    """
+    launch = processes()
+    if launch.num_processes > 1:
+        given = launch.device if launch.device.type == "cuda" else torch.device("cpu")
+        if name not in ("auto", given.type, str(given)):
+            raise ValueError(f"under accelerate launch this process runs on {given}, not {name}: pass --device auto")
+        return given
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -34,16 +48,39 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(function, device: torch.device, repeats: int = 3) -> list[float]:
+    """Wall times of ``repeats`` calls of ``function``, after one warm-up call (allocations,
+    kernel choices, lazy initialisation), each synchronised on CUDA."""
+    function()
+    synchronise(device)
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronise(device)
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def matmul_rate(device: torch.device, dtype: torch.dtype | None = None) -> float:
     """Measured dense matrix-multiply rate in FLOP/s (bf16 8192^3 on CUDA, fp32 1024^3 on a
-    CPU): the ceiling that benchmarks draw their FLOP floors against."""
+    CPU; the best of 5): the ceiling that benchmarks draw their FLOP floors against."""
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = 8192 if device.type == "cuda" else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b  # warm-up
-    synchronise(device)
-    start = time.perf_counter()
-    for _ in range(5):
-        a @ b
-    synchronise(device)
-    return 5 * 2 * n**3 / (time.perf_counter() - start)
+    return 2 * n**3 / min(timed(lambda: a @ b, device, repeats=5))
+
+
+def describe(device: torch.device) -> dict:
+    """What a benchmark ran on: ``{"device": ..., "versions": {...}}``, for its result file."""
+    if device.type == "cuda":
+        properties = torch.cuda.get_device_properties(device)
+        name = f"{properties.name}, {properties.total_memory / 1024**3:.0f} GiB"
+    else:
+        name = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    packages = ("havir", "torch", "diffusers", "transformers", "accelerate", "numpy")
+    return {
+        "device": name,
+        "versions": {"python": platform.python_version(), "cuda": torch.version.cuda}
+        | {package: importlib.metadata.version(package) for package in packages},
+    }

@@ -18,6 +18,7 @@ Images go in as uint8 (or PIL): CLIP's processor rescales by 1/255 itself, so fl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -28,9 +29,11 @@ import h5py
 import numpy as np
 import PIL.Image
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 from diffusers.image_processor import VaeImageProcessor
 
 from havir.devices import resolve_device, resolve_dtype
+from havir.distributed import processes
 from havir.io import atomic_path
 from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.layout import check_subject
@@ -170,45 +173,64 @@ def compute_features(
     dim = vd.embedding_dim
     n_image_tokens = (vd.image_encoder.config.image_size // vd.image_encoder.config.patch_size) ** 2 + 1
 
-    with h5py.File(partial, "a") as h5:
-        if h5.attrs.get("settings") != json.dumps(settings.__dict__) or not np.array_equal(h5.get("nsd_id", []), nsd_ids):
-            for name in list(h5):
-                del h5[name]
-            h5.attrs.update(settings=json.dumps(settings.__dict__), format_version=FEATURES_FORMAT, subject=subject)
-            h5["nsd_id"] = nsd_ids
-            h5.create_dataset("vae_latents", (len(nsd_ids), *latent_shape), np.float16, chunks=(1, *latent_shape))
-            h5.create_dataset("clip_image", (len(nsd_ids), n_image_tokens, dim), np.float16, chunks=(1, n_image_tokens, dim))
-            h5.create_dataset("clip_text", (len(nsd_ids), TEXT_TOKENS, dim), np.float16, chunks=(1, TEXT_TOKENS, dim))
-            h5.create_dataset("done", (len(nsd_ids),), bool, fillvalue=False)
-        todo = nsd_ids[~h5["done"][()]]
+    launch = processes()
+    # The main process alone opens (and writes) the cache; the others send it their batches.
+    with h5py.File(partial, "a") if launch.is_main_process else contextlib.nullcontext() as h5:
+        todo = None
+        if launch.is_main_process:
+            if h5.attrs.get("settings") != json.dumps(settings.__dict__) or not np.array_equal(h5.get("nsd_id", []), nsd_ids):
+                for name in list(h5):
+                    del h5[name]
+                h5.attrs.update(settings=json.dumps(settings.__dict__), format_version=FEATURES_FORMAT, subject=subject)
+                h5["nsd_id"] = nsd_ids
+                h5.create_dataset("vae_latents", (len(nsd_ids), *latent_shape), np.float16, chunks=(1, *latent_shape))
+                h5.create_dataset("clip_image", (len(nsd_ids), n_image_tokens, dim), np.float16, chunks=(1, n_image_tokens, dim))
+                h5.create_dataset("clip_text", (len(nsd_ids), TEXT_TOKENS, dim), np.float16, chunks=(1, TEXT_TOKENS, dim))
+                h5.create_dataset("done", (len(nsd_ids),), bool, fillvalue=False)
+            todo = nsd_ids[~h5["done"][()]]
+        todo = broadcast_object_list([todo])[0]
         resumed = len(nsd_ids) - len(todo)
-        batches = iter_stimuli(stimuli, todo, block=batch_size)
-        n_batches = -(-len(todo) // batch_size)
-        for ids, images in track(batches, f"subj{subject:02d}: features", total=n_batches, enabled=progress):
-            rows = np.searchsorted(nsd_ids, ids)
-            try:
-                latents = encode_vae_latents(vd, images)
-                image_tokens = encode_clip_images(vd, images)
-                texts = [text for image in ids.tolist() for text in captions[image]]
-                text_tokens = encode_clip_texts(vd, texts)
-            except torch.cuda.OutOfMemoryError as err:
-                raise MemoryError(
-                    f"the GPU ran out of memory at batch size {batch_size}: try --batch-size {max(1, batch_size // 2)}"
-                ) from err
-            counts = torch.tensor([len(captions[image]) for image in ids.tolist()], device=text_tokens.device)
-            owner = torch.repeat_interleave(torch.arange(len(ids), device=text_tokens.device), counts)
-            text_mean = torch.zeros(len(ids), *text_tokens.shape[1:], device=text_tokens.device, dtype=torch.float32)
-            text_mean.index_add_(0, owner, text_tokens.float())
-            text_mean /= counts.view(-1, 1, 1)
-            block = rows.tolist()  # ascending, as h5py's fancy indexing requires
-            h5["vae_latents"][block] = latents.float().cpu().numpy().astype(np.float16)
-            h5["clip_image"][block] = image_tokens.float().cpu().numpy().astype(np.float16)
-            h5["clip_text"][block] = text_mean.cpu().numpy().astype(np.float16)
-            h5["done"][block] = True
-            h5.flush()
-    with atomic_path(final) as temporary:
-        partial.replace(temporary)
+        # Each process encodes every N-th batch, exactly the batches one process would run (its
+        # share is read as consecutive blocks of batch_size ids, all full but the very last).
+        batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+        share = iter_stimuli(stimuli, np.concatenate([todo[:0], *batches[launch.process_index :: launch.num_processes]]), block=batch_size)
+        rounds = -(-len(batches) // launch.num_processes)
+        for _ in track(range(rounds), f"subj{subject:02d}: features", total=rounds, enabled=progress and launch.is_main_process):
+            block = next(share, None)  # None: this process has no batch in the last round
+            encoded = [] if block is None else [_encode_batch(vd, *block, captions, batch_size)]
+            for ids, latents, image_tokens, text_mean in gather_object(encoded):  # this round's batches, all processes'
+                if launch.is_main_process:
+                    rows = np.searchsorted(nsd_ids, ids).tolist()  # ascending, as h5py's fancy indexing requires
+                    h5["vae_latents"][rows] = latents
+                    h5["clip_image"][rows] = image_tokens
+                    h5["clip_text"][rows] = text_mean
+                    h5["done"][rows] = True
+            if launch.is_main_process:
+                h5.flush()
+    if launch.is_main_process:
+        with atomic_path(final) as temporary:
+            partial.replace(temporary)
+    launch.wait_for_everyone()
     return _summary(subject, nsd_ids, resumed, settings, torch_device, final, started)
+
+
+def _encode_batch(vd: VersatileDiffusion, ids: np.ndarray, images: np.ndarray, captions: dict[int, list[str]], batch_size: int):
+    """(ids, VAE latents, CLIP image tokens, caption-averaged CLIP text tokens) of one batch, float16 arrays."""
+    try:
+        latents = encode_vae_latents(vd, images)
+        image_tokens = encode_clip_images(vd, images)
+        texts = [text for image in ids.tolist() for text in captions[image]]
+        text_tokens = encode_clip_texts(vd, texts)
+    except torch.cuda.OutOfMemoryError as err:
+        raise MemoryError(
+            f"the GPU ran out of memory at batch size {batch_size}: try --batch-size {max(1, batch_size // 2)}"
+        ) from err
+    counts = torch.tensor([len(captions[image]) for image in ids.tolist()], device=text_tokens.device)
+    owner = torch.repeat_interleave(torch.arange(len(ids), device=text_tokens.device), counts)
+    text_mean = torch.zeros(len(ids), *text_tokens.shape[1:], device=text_tokens.device, dtype=torch.float32)
+    text_mean.index_add_(0, owner, text_tokens.float())
+    text_mean /= counts.view(-1, 1, 1)
+    return ids, *(t.float().cpu().numpy().astype(np.float16) for t in (latents, image_tokens, text_mean))
 
 
 def _summary(subject, nsd_ids, resumed, settings, device, path, started) -> dict:

@@ -51,27 +51,3 @@ def semantic_loss(
         terms["contrastive"] = info_nce(predicted, target)
         total = total + contrastive_weight * terms["contrastive"]
     return terms | {"total": total}
-
-
-def mean_correlation(predicted: torch.Tensor, target: torch.Tensor) -> float:
-    """Mean over samples of the Pearson correlation between flattened prediction and target."""
-    p = predicted.flatten(1).double()
-    t = target.flatten(1).double()
-    p = p - p.mean(1, keepdim=True)
-    t = t - t.mean(1, keepdim=True)
-    return float(((p * t).sum(1) / (p.norm(dim=1) * t.norm(dim=1) + 1e-12)).mean())
-
-
-def two_way_identification(predicted: torch.Tensor, target: torch.Tensor) -> float:
-    """Fraction of (i, j != i) pairs where prediction i correlates more with target i than with
-    target j: the field's two-way identification (chance 0.5)."""
-    p = predicted.flatten(1).double()
-    t = target.flatten(1).double()
-    p = (p - p.mean(1, keepdim=True)) / (p.std(1, keepdim=True) + 1e-12)
-    t = (t - t.mean(1, keepdim=True)) / (t.std(1, keepdim=True) + 1e-12)
-    r = p @ t.T / (p.shape[1] - 1)  # r[i, j] = corr(prediction i, target j)
-    n = len(r)
-    if n < 2:
-        raise ValueError("two-way identification needs at least two samples")
-    correct = (r.diag()[:, None] > r).sum()  # the diagonal never beats itself, so i == j adds 0
-    return float(correct) / (n * (n - 1))

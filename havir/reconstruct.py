@@ -18,6 +18,10 @@ mid-grey image.
 
 Modes (the paper's ablations): ``fused`` (the method), ``structural`` (VAE decode of the
 predicted latent alone), ``semantic`` (no structural prior: strength 1 from noise).
+
+Under ``accelerate launch`` the processes share out the batches (each batch is the one a single
+process would run, and each image's noise comes from (seed, nsdId)), so the PNGs are those of a
+single process; the main one writes the manifest once every image is written.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 import havir
 from havir.devices import resolve_device, resolve_dtype
+from havir.distributed import processes
 from havir.features import encode_clip_images, encode_clip_texts, features_path
 from havir.io import atomic_path, ensure_output_dir, write_json
 from havir.models.compat import set_text_share
@@ -188,28 +193,33 @@ def reconstruct(
 
     ``predictions`` holds ``vae_latents`` (n, 4, h, w), ``clip_image`` (n, 257, D) and
     ``clip_text`` (n, 77, D) for ``nsd_ids``; existing ``<nsdId>.png`` files are kept (resume).
+    Under ``accelerate launch``, each process runs every N-th batch.
     """
     settings = settings or SamplerSettings()
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    launch = processes()
     out = ensure_output_dir(out)
     order = np.argsort(nsd_ids)[: limit if limit is not None else None]
     todo = [i for i in order.tolist() if not (out / f"{int(nsd_ids[i])}.png").exists()]
+    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
     unconditional = unconditional_embeddings(vd)
+    launch.wait_for_everyone()  # every process has listed the images to do before any is written
     started = time.perf_counter()
-    for start in range(0, len(todo), batch_size):
-        rows = todo[start : start + batch_size]
+    for rows in batches[launch.process_index :: launch.num_processes]:
         images = reconstruct_batch(
             vd, mode, settings, nsd_ids[rows],
             *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
             unconditional,
         )
         write_images(out, nsd_ids[rows], images)
+    launch.wait_for_everyone()
     seconds = time.perf_counter() - started
-    write_json(out / "manifest.json", {
-        "mode": mode, "settings": asdict(settings), "images": [int(nsd_ids[i]) for i in order.tolist()],
-        "vd": vd.source, "havir_version": havir.__version__, "torch": torch.__version__,
-    } | (provenance or {}))
+    if launch.is_main_process:
+        write_json(out / "manifest.json", {
+            "mode": mode, "settings": asdict(settings), "images": [int(nsd_ids[i]) for i in order.tolist()],
+            "vd": vd.source, "havir_version": havir.__version__, "torch": torch.__version__,
+        } | (provenance or {}))
     return {
         "n_images": len(order), "reconstructed": len(todo), "mode": mode, "seconds": round(seconds, 3),
         "images_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,

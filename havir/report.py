@@ -31,7 +31,7 @@ _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
-th:first-child, td:first-child, td.text { text-align: left; }
+th:first-child, td:first-child, table:not(.grid) td:last-child { text-align: left; }
 .note { background: #fff7e0; border-left: 4px solid #e0a800; padding: 0.5em 1em; }
 .grid td { text-align: center; font-size: 0.8em; }
 .grid img { width: 128px; height: 128px; image-rendering: auto; }
@@ -127,7 +127,7 @@ def write_report(
     metric_rows = [
         [html.escape(_TITLES.get(name, name)), _format(name, score.mean),
          f"[{_format(name, score.interval[0])}, {_format(name, score.interval[1])}]",
-         "higher" if score.higher_is_better else "lower", f'<span class="text">{html.escape(score.network)}</span>']
+         "higher" if score.higher_is_better else "lower", html.escape(score.network)]
         for name, score in evaluation.scores.items()
     ]
     comparison = [

@@ -12,6 +12,13 @@ and a checkpoint (weights, optimiser, schedule, epoch) lets an interrupted run c
 written at most every ``checkpoint_minutes`` (a realistic checkpoint is 5 GB) and at the end.
 Every epoch's shuffling and dropout are seeded by (seed, epoch), so a resumed run ends where an
 uninterrupted one would.
+
+Under ``accelerate launch`` (N processes, one per GPU) training is data-parallel: every process
+holds the data, draws the same shuffled order, and takes its contiguous rows of each global batch
+(``batch_size`` rows in all, whatever N); its losses are its share of the global batch's (see
+:func:`_shard_losses`) and DDP sums the gradients, so N processes give the weights one process
+gives (up to float rounding). The main process validates, keeps the best models and writes every
+file; a resumed run may use another number of processes.
 """
 
 from __future__ import annotations
@@ -28,13 +35,17 @@ from pathlib import Path
 import h5py
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, reduce
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file, save_file
 
 from havir.devices import resolve_device
+from havir.distributed import Shard, batch_shard, processes
 from havir.features import FEATURES_FORMAT, features_path
 from havir.io import atomic_path, ensure_output_dir, write_json
-from havir.losses import mean_correlation, semantic_loss, structural_loss, two_way_identification
+from havir.losses import info_nce, semantic_loss, structural_loss
+from havir.metrics.scores import row_correlations, two_way_identification
 from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator
 from havir.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
 from havir.nsd.layout import check_subject
@@ -221,13 +232,63 @@ def _tensors(part: Split, device: torch.device) -> dict[str, torch.Tensor]:
     return {name: torch.as_tensor(getattr(part, name), device=device) for name in names}
 
 
-def _losses(structural, semantic, batch: dict[str, torch.Tensor], config: TrainConfig) -> dict[str, torch.Tensor]:
-    latents = structural(batch["structural"]).float()
-    image_tokens, text_tokens = (t.float() for t in semantic(batch["semantic"]))
+class Decoders(torch.nn.Module):
+    """Both decoders as one module: they train on one loss, and DDP syncs one module's gradients.
+
+    ``decoders(structural_voxels, semantic_voxels)`` -> (latents, image tokens, text tokens).
+    """
+
+    def __init__(self, structural: StructuralGenerator, semantic: SemanticExtractor):
+        super().__init__()
+        self.structural, self.semantic = structural, semantic
+
+    def forward(self, structural_voxels: torch.Tensor, semantic_voxels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.structural(structural_voxels), *self.semantic(semantic_voxels))
+
+
+def _losses(decoders, batch: dict[str, torch.Tensor], config: TrainConfig, shard: Shard | None = None) -> dict[str, torch.Tensor]:
+    """Both pathways' losses on ``batch``; with ``shard``, this process's share of them."""
+    if shard is not None:
+        return _shard_losses(decoders, batch, config, shard)
+    latents, image_tokens, text_tokens = (t.float() for t in decoders(batch["structural"], batch["semantic"]))
     s = structural_loss(latents, batch["vae_latents"], config.edge_weight)
     i = semantic_loss(image_tokens, batch["clip_image"], config.cosine_weight, config.contrastive_weight)
     t = semantic_loss(text_tokens, batch["clip_text"], config.cosine_weight, config.contrastive_weight)
     return {"structural": s["total"], "semantic": i["total"] + t["total"]}
+
+
+def _shard_losses(decoders, batch: dict[str, torch.Tensor], config: TrainConfig, shard: Shard) -> dict[str, torch.Tensor]:
+    """This process's share of the losses of the global ``batch``, computed on its rows alone:
+    summed over the processes, the values and their gradients are those of the whole batch.
+
+    A mean over the batch is the sum of each shard's mean weighed by its share of the rows (so
+    uneven shards are fine). InfoNCE contrasts each row with the whole batch: every process
+    computes it on the whole batch's pooled predictions, of which only its own rows carry
+    gradients, and keeps its share of the value.
+    """
+    local = {name: value[shard.rows] for name, value in batch.items()}
+    with batch_shard(shard):
+        latents, image_tokens, text_tokens = (t.float() for t in decoders(local["structural"], local["semantic"]))
+    if shard.size:
+        s = shard.weight * structural_loss(latents, local["vae_latents"], config.edge_weight)["total"]
+        m = shard.weight * (semantic_loss(image_tokens, local["clip_image"], config.cosine_weight, 0.0)["total"]
+                            + semantic_loss(text_tokens, local["clip_text"], config.cosine_weight, 0.0)["total"])
+    else:  # no rows of a short last batch: zero losses that still reach every parameter, as DDP needs
+        s, m = 0 * latents.sum(), 0 * (image_tokens.sum() + text_tokens.sum())
+    if config.contrastive_weight > 0:
+        for tokens, name in ((image_tokens, "clip_image"), (text_tokens, "clip_text")):
+            # info_nce pools its (n, tokens, D) inputs by their mean token: pass the pooled rows as one token
+            c = info_nce(_whole_batch(tokens.mean(1), shard)[:, None], batch[name].mean(1)[:, None])
+            m = m + config.contrastive_weight * (c + (shard.weight - 1) * c.detach())  # gradient of c, value shard.weight * c
+    return {"structural": s, "semantic": m}
+
+
+def _whole_batch(rows: torch.Tensor, shard: Shard) -> torch.Tensor:
+    """The global batch (total, ...) from every process's ``rows``; this process's rows keep their gradients."""
+    placed = rows.new_zeros((shard.total, *rows.shape[1:]))
+    placed[shard.rows] = rows.detach()
+    whole = reduce(placed, reduction="sum")  # every other process adds zeros there: exact
+    return torch.cat([whole[: shard.start], rows, whole[shard.rows.stop :]])
 
 
 @torch.no_grad()
@@ -245,9 +306,9 @@ def scores(predicted: dict, target: dict) -> dict[str, float]:
     """Per target: mean per-image correlation and two-way identification (chance 0.5)."""
     out = {}
     for name in TARGETS:
-        p, t = torch.as_tensor(predicted[name]).cpu(), torch.as_tensor(target[name]).cpu()
-        out[f"{name}_correlation"] = mean_correlation(p, t)
-        out[f"{name}_identification"] = two_way_identification(p, t)
+        p, t = (torch.as_tensor(x).flatten(1).float().cpu().numpy() for x in (predicted[name], target[name]))
+        out[f"{name}_correlation"] = float(row_correlations(p, t).mean())
+        out[f"{name}_identification"] = float(two_way_identification(t, p).mean())
     return out
 
 
@@ -301,25 +362,30 @@ def train_subject(
         raise ValueError(f"--model must be havir or ridge, got {model!r}")
     config = config or TrainConfig()
     torch_device = resolve_device(device)
+    launch = processes()
     resuming = _check_run_folder(Path(run), subject, model, config)
     dataset = load_training_data(data, subject, config)
     with h5py.File(features_path(data, subject), "r") as h5:
         features_vd = json.loads(h5.attrs["settings"])["model"]
     if vd is not None and vd != features_vd:
         raise ValueError(f"the features in {data} were computed with --vd {features_vd}, not {vd}: run `havir features --vd {vd}` first")
-    run = ensure_output_dir(Path(run))
-    if not resuming:
-        write_json(run / "run.json", {"subject": subject, "model": model, "config_sha256": config.sha256(), "data": str(Path(data).resolve())})
-        with atomic_path(run / "config.toml") as temporary:
-            temporary.write_text(config.to_toml())
+    launch.wait_for_everyone()  # every process has checked the run folder before the main one writes into it
+    run = Path(run)
+    if launch.is_main_process:
+        ensure_output_dir(run)
+        if not resuming:
+            write_json(run / "run.json", {"subject": subject, "model": model, "config_sha256": config.sha256(), "data": str(Path(data).resolve())})
+            with atomic_path(run / "config.toml") as temporary:
+                temporary.write_text(config.to_toml())
     started = time.perf_counter()
-    if model == "ridge":
-        summary = _train_ridge(dataset, config, run, torch_device)
+    if model == "ridge":  # closed form: the main process fits it alone
+        summary = _train_ridge(dataset, config, run, torch_device) if launch.is_main_process else None
     else:
         summary = fit_decoders(dataset, config, run, torch_device, progress=progress)
-    summary = {"subject": subject, "model": model, "vd": features_vd, "train_seconds": round(time.perf_counter() - started, 3)} | summary
-    write_json(run / "summary.json", summary)
-    return summary
+    if launch.is_main_process:
+        summary = {"subject": subject, "model": model, "vd": features_vd, "train_seconds": round(time.perf_counter() - started, 3)} | summary
+        write_json(run / "summary.json", summary)
+    return broadcast_object_list([summary])[0]  # every process returns it, once it is written
 
 
 def _train_ridge(dataset: TrainingData, config: TrainConfig, run: Path, device: torch.device) -> dict:
@@ -334,7 +400,12 @@ def _train_ridge(dataset: TrainingData, config: TrainConfig, run: Path, device: 
 
 
 def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: torch.device, progress: bool = True) -> dict:
-    """Train both decoders on ``dataset`` into ``run`` (resuming a checkpoint found there)."""
+    """Train both decoders on ``dataset`` into ``run`` (resuming a checkpoint found there).
+
+    Under ``accelerate launch``, data-parallel across the processes; every process returns the summary.
+    """
+    launch = processes()
+    main, world = launch.is_main_process, launch.num_processes
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the initial weights
         structural, semantic = build_decoders(dataset, config)
@@ -360,13 +431,18 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
         schedule.load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=True))
     metrics_path = run / "metrics.jsonl"
-    kept = metrics_path.read_text().splitlines()[: state["epoch"]] if metrics_path.is_file() else []
-    metrics_path.write_text("".join(line + "\n" for line in kept))
+    if main:
+        kept = metrics_path.read_text().splitlines()[: state["epoch"]] if metrics_path.is_file() else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+    decoders = Decoders(structural, semantic)
+    if world > 1:  # accelerate's DDP: averages the gradients across the processes during the backward pass
+        decoders = Accelerator(mixed_precision="no", device_placement=False).prepare_model(decoders)  # autocast is ours
 
     models = {"structural": structural, "semantic": semantic}
     unsaved_best: dict[str, dict[str, torch.Tensor]] = {}  # best weights not yet on disk (CPU copies)
     checkpointed_epoch, last_checkpoint = state["epoch"], time.perf_counter()
-    for epoch in track(range(state["epoch"], config.epochs), "training", total=config.epochs - state["epoch"], enabled=progress):
+    epochs = range(state["epoch"], config.epochs)
+    for epoch in track(epochs, "training", total=len(epochs), enabled=progress and main):
         epoch_started = time.perf_counter()
         structural.train()
         semantic.train()
@@ -376,23 +452,29 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
         for step in range(steps_per_epoch):
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             batch = {name: value[rows] for name, value in fit.items()}
+            shard = Shard.of(len(rows), launch.process_index, world) if world > 1 else None
             with autocast:
-                losses = _losses(structural, semantic, batch, config)
+                losses = _losses(decoders, batch, config, shard)
             optimizer.zero_grad(set_to_none=True)
-            (losses["structural"] + losses["semantic"]).backward()
+            # The processes' shares sum to the batch's loss, and DDP averages their gradients: hence x world.
+            ((losses["structural"] + losses["semantic"]) * world).backward()
             optimizer.step()
             schedule.step()
             totals += torch.stack([losses["structural"].detach(), losses["semantic"].detach()]).float() * (len(rows) / n_fit)
+        if world > 1:
+            totals = reduce(totals, reduction="sum")
         train_loss = dict(zip(models, totals.tolist()))
         if not all(np.isfinite(list(train_loss.values()))):
             raise ValueError(
                 f"the training loss became {train_loss} at epoch {epoch + 1}: lower learning_rate (now "
                 f"{config.learning_rate}) in the config; the last good checkpoint (epoch {checkpointed_epoch}) is in {checkpoint}"
             )
+        if not main:  # the main process validates, keeps the best models and writes; the others go on
+            continue
         with torch.no_grad(), autocast:
             structural.eval()
             semantic.eval()
-            val_losses = {k: v.item() for k, v in _losses(structural, semantic, _tensors(dataset.val, device), config).items()}
+            val_losses = {k: v.item() for k, v in _losses(Decoders(structural, semantic), _tensors(dataset.val, device), config).items()}
         val_scores = evaluate(structural, semantic, dataset.val, device)
         for name, model in models.items():
             if val_losses[name] < state["best"][name]:
@@ -414,15 +496,18 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
         with open(metrics_path, "a") as metrics:
             metrics.write(json.dumps(record) + "\n")
 
-    best_structural = StructuralGenerator.from_pretrained(run / "structural").to(device)
-    best_semantic = SemanticExtractor.from_pretrained(run / "semantic").to(device)
-    return {
-        "epochs": config.epochs,
-        "final_train_loss": state["last"]["train_loss"],
-        "final_val_loss": state["last"]["val_loss"],
-        "best_epoch": state["best_epoch"],
-        "test_scores": evaluate(best_structural, best_semantic, dataset.test, device),
-    }
+    summary = None
+    if main:
+        best_structural = StructuralGenerator.from_pretrained(run / "structural").to(device)
+        best_semantic = SemanticExtractor.from_pretrained(run / "semantic").to(device)
+        summary = {
+            "epochs": config.epochs,
+            "final_train_loss": state["last"]["train_loss"],
+            "final_val_loss": state["last"]["val_loss"],
+            "best_epoch": state["best_epoch"],
+            "test_scores": evaluate(best_structural, best_semantic, dataset.test, device),
+        }
+    return broadcast_object_list([summary])[0]
 
 
 def _save_checkpoint(folder: Path, structural, semantic, optimizer, schedule, state: dict) -> None:

@@ -26,6 +26,9 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
+# nn.Dropout, whose masks also stay the same when a training batch is split across processes.
+from havir.distributed import ShardDropout
+
 
 class _ResidualMLP(nn.Module):
     """``x + Dropout(SiLU(LayerNorm(Linear(x))))``, repeated ``n_blocks`` times."""
@@ -33,7 +36,7 @@ class _ResidualMLP(nn.Module):
     def __init__(self, width: int, n_blocks: int, dropout: float):
         super().__init__()
         self.blocks = nn.ModuleList(
-            nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.SiLU(), nn.Dropout(dropout))
+            nn.Sequential(nn.Linear(width, width), nn.LayerNorm(width), nn.SiLU(), ShardDropout(dropout))
             for _ in range(n_blocks)
         )
 
@@ -45,7 +48,7 @@ class _ResidualMLP(nn.Module):
 
 def _stem(n_voxels: int, width: int, dropout: float) -> nn.Sequential:
     """The paper's input stage: linear projection, LayerNorm, SiLU, Dropout."""
-    return nn.Sequential(nn.Linear(n_voxels, width), nn.LayerNorm(width), nn.SiLU(), nn.Dropout(dropout))
+    return nn.Sequential(nn.Linear(n_voxels, width), nn.LayerNorm(width), nn.SiLU(), ShardDropout(dropout))
 
 
 class StructuralGenerator(ModelMixin, ConfigMixin):

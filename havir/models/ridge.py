@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from havir.io import atomic_path, write_json
-from havir.losses import mean_correlation
+from havir.metrics.scores import row_correlations
 
 DEFAULT_ALPHAS = (1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
 
@@ -77,7 +77,7 @@ class RidgeDecoder:
             scores = {}
             for alpha in self.alphas:
                 predicted = (x[val] - x_mean) @ _solve(u, s, v, y[fit] - y_mean, alpha) + y_mean
-                scores[alpha] = mean_correlation(predicted, y[val])
+                scores[alpha] = float(row_correlations(predicted.cpu().numpy(), y[val].cpu().numpy()).mean())
             self.val_scores_[name] = scores
             self.alpha_[name] = max(scores, key=scores.get)
 
