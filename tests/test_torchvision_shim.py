@@ -35,15 +35,19 @@ def test_importing_havir_makes_the_evaluation_networks_and_transforms_work():
 
 def test_the_shim_acts_only_when_the_extension_cannot_load():
     needed = not _extension_loads()
-    result = _python("from havir._torchvision import ensure_torchvision_importable as f; print(f())")
-    # `import havir` already ran it, so a second call reports that nothing is left to do.
-    assert result.returncode == 0 and result.stdout.strip() == "False"
+    result = _python("from havir._torchvision import ensure_torchvision_importable as f; print(f(), f())")
+    assert result.returncode == 0 and result.stdout.split() == [str(needed), "False"]
     bare = _python("import torchvision")
     if needed:
         # The failure the shim exists for; when upstream fixes it, this test says the shim can go.
         assert bare.returncode != 0 and "torchvision::nms" in bare.stderr
     else:
         assert bare.returncode == 0
+
+
+def test_importing_havir_does_not_import_torch():
+    result = _python("import sys, havir.nsd.design, havir.masks; print('torch' in sys.modules)")
+    assert result.returncode == 0 and result.stdout.strip() == "False", result.stderr
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA build loads torchvision's own operators")
