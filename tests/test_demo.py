@@ -10,8 +10,6 @@ import json
 
 import pytest
 
-from tests.conftest import json_of
-
 FLOORS = {"pixcorr": 0.55, "ssim": 0.60, "lite0_identification": 0.65}
 
 

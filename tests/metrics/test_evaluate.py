@@ -4,11 +4,9 @@ import csv
 import json
 import shutil
 
-import h5py
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 from havir.metrics.evaluate import evaluate_folder, load_ground_truth
 from havir.metrics.networks import load_protocol_network
@@ -84,16 +82,6 @@ def test_outputs_csv_json_and_report(truth, random_networks, tmp_path):
     assert page.count("<img") == 1 + 12 * 3  # the chart; stimulus | structural | fused for the first 12
     assert "RANDOM weights" in page and "MindEye2" in page and "40 sessions" in page
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture
-def offline_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
 
 
 def test_cli_missing_weights_stop_with_one_line(truth, tmp_path, run_cli, offline_caches):

@@ -8,18 +8,6 @@ from havir.metrics import networks
 from havir.metrics.networks import MissingWeightsError, load_protocol_network, locate_weights
 
 
-@pytest.fixture
-def empty_caches(tmp_path, monkeypatch):
-    """torch hub and the Hugging Face cache pointed at empty folders, offline."""
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    monkeypatch.setattr(torch.hub, "_hub_dir", None)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    from huggingface_hub import constants
-
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
-    return tmp_path
-
-
 @pytest.mark.parametrize(
     ("name", "filename", "published"),
     [
@@ -30,21 +18,21 @@ def empty_caches(tmp_path, monkeypatch):
         ("clip", "openai/clip-vit-large-patch14", "huggingface.co"),
     ],
 )
-def test_missing_weights_name_the_file_where_and_the_source(empty_caches, name, filename, published):
+def test_missing_weights_name_the_file_where_and_the_source(offline_caches, name, filename, published):
     with pytest.raises(MissingWeightsError) as error:
-        load_protocol_network(name, empty_caches / "weights")
+        load_protocol_network(name, offline_caches / "weights")
     message = str(error.value)
     assert filename in message and published in message and "--skip-missing" in message
-    assert str(empty_caches / "weights") in message  # where it looked
+    assert str(offline_caches / "weights") in message  # where it looked
     assert "\n" not in message
 
 
-def test_weights_dir_is_used_and_the_network_is_labelled_protocol(empty_caches):
+def test_weights_dir_is_used_and_the_network_is_labelled_protocol(offline_caches):
     torch.manual_seed(1)
     from torchvision.models import alexnet
 
     reference = alexnet(weights=None).eval()
-    weights = empty_caches / "weights"
+    weights = offline_caches / "weights"
     weights.mkdir()
     torch.save(reference.state_dict(), weights / "alexnet-owt-7be5be79.pth")
     network = load_protocol_network("alexnet", weights)
@@ -60,14 +48,14 @@ def test_weights_dir_is_used_and_the_network_is_labelled_protocol(empty_caches):
     np.testing.assert_allclose(features["features.4"], expected_early, rtol=1e-4, atol=1e-5)
 
 
-def test_torch_hub_cache_is_searched(empty_caches):
-    checkpoints = empty_caches / "torch" / "hub" / "checkpoints"
+def test_torch_hub_cache_is_searched(offline_caches):
+    checkpoints = offline_caches / "torch" / "hub" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / "efficientnet_b1_rwightman-bac287d4.pth").write_bytes(b"")
     assert locate_weights("effnet") == checkpoints / "efficientnet_b1_rwightman-bac287d4.pth"
 
 
-def test_swav_release_layout_loads_into_resnet50(empty_caches):
+def test_swav_release_layout_loads_into_resnet50(offline_caches):
     from torchvision.models import resnet50
 
     torch.manual_seed(2)
@@ -75,7 +63,7 @@ def test_swav_release_layout_loads_into_resnet50(empty_caches):
     release = {f"module.{k}": v for k, v in backbone.items() if not k.startswith("fc.")}
     release["module.projection_head.0.weight"] = torch.zeros(2048, 2048)
     release["module.prototypes.weight"] = torch.zeros(3000, 128)
-    weights = empty_caches / "weights"
+    weights = offline_caches / "weights"
     weights.mkdir()
     torch.save(release, weights / "swav_800ep_pretrain.pth.tar")
     network = load_protocol_network("swav", weights)
@@ -87,14 +75,14 @@ def test_swav_release_layout_loads_into_resnet50(empty_caches):
         load_protocol_network("swav", weights)
 
 
-def test_clip_from_a_model_folder(empty_caches):
+def test_clip_from_a_model_folder(offline_caches):
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2, num_hidden_layers=2,
                               patch_size=14, projection_dim=16)
-    folder = empty_caches / "weights" / "clip-vit-large-patch14"
+    folder = offline_caches / "weights" / "clip-vit-large-patch14"
     CLIPVisionModelWithProjection(config).save_pretrained(folder)
-    network = load_protocol_network("clip", empty_caches / "weights")
+    network = load_protocol_network("clip", offline_caches / "weights")
     assert network.protocol and network.mean == networks.CLIP_MEAN and network.input_size == 224
     images = np.zeros((2, 50, 50, 3), np.uint8)
     assert network.features(images, ["image_embeds"], device=torch.device("cpu"))["image_embeds"].shape == (2, 16)
