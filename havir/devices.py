@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.metadata
 import platform
 import time
 
 import torch
 
 from havir.distributed import processes
+from havir.io import package_versions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -78,9 +78,7 @@ def describe(device: torch.device) -> dict:
         name = f"{properties.name}, {properties.total_memory / 1024**3:.0f} GiB"
     else:
         name = f"cpu: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    packages = ("havir", "torch", "diffusers", "transformers", "accelerate", "numpy")
     return {
         "device": name,
-        "versions": {"python": platform.python_version(), "cuda": torch.version.cuda}
-        | {package: importlib.metadata.version(package) for package in packages},
+        "versions": package_versions("torch", "diffusers", "transformers", "accelerate", "numpy") | {"cuda": torch.version.cuda},
     }

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from importlib import metadata
 from typing import Any
 
 
@@ -45,3 +47,12 @@ def write_json(path: Path, data: Any) -> None:
     """Write ``data`` as indented JSON, atomically."""
     with atomic_path(path) as temporary:
         temporary.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def package_versions(*packages: str) -> dict[str, str]:
+    """HAVIR's, Python's and ``packages``' versions, for the record every result file keeps."""
+    from havir import __version__
+
+    return {"havir": __version__, "python": platform.python_version()} | {
+        package: metadata.version(package) for package in packages
+    }

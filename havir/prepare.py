@@ -34,17 +34,15 @@ versions).
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 import havir
-from havir.io import ensure_output_dir, write_json
+from havir.io import ensure_output_dir, package_versions, write_json
 from havir.masks import build_masks, definition_for
 from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
 from havir.nsd.design import load_design, subject_trials
@@ -89,13 +87,6 @@ def load_split(path: Path, split: str) -> PreparedSubject:
             )
         group = h5[split]
         return PreparedSubject(**{name: group[name][()] for name in PreparedSubject.__dataclass_fields__})
-
-
-def _versions() -> dict[str, str]:
-    versions = {"havir": havir.__version__, "python": platform.python_version()}
-    for package in ("numpy", "h5py", "nibabel", "scipy", "pandas"):
-        versions[package] = metadata.version(package)
-    return versions
 
 
 def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_format: str) -> list[BetasFile]:
@@ -343,7 +334,7 @@ def prepare_subject(
             "masks": masks.summary() | {"definition_content": mask_definition.to_dict()},
             "nsd_root": str(Path(nsd_root).resolve()),
             "stimulus_side": side,
-            "versions": _versions(),
+            "versions": package_versions("numpy", "h5py", "nibabel", "scipy", "pandas"),
         },
     )
     return summary

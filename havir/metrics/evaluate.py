@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import csv
 import json
-import platform
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import h5py
@@ -22,8 +20,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-import havir
-from havir.io import atomic_path, write_json
+from havir.io import atomic_path, package_versions, write_json
 from havir.metrics.networks import (
     PROTOCOL_METRICS,
     STANDIN_METRICS,
@@ -33,7 +30,14 @@ from havir.metrics.networks import (
     load_protocol_network,
     load_standin_network,
 )
-from havir.metrics.scores import bootstrap_interval, correlation_distance, pixcorr, ssim, two_way_identification
+from havir.metrics.scores import (
+    bootstrap_interval,
+    correlation_distance,
+    pixcorr,
+    pixel_pairs,
+    ssim,
+    two_way_identification,
+)
 from havir.nsd.layout import check_subject
 from havir.progress import track
 
@@ -130,8 +134,9 @@ def score_images(
         return bootstrap_interval(per_image, resamples=resamples, seed=seed)
 
     results = {}
+    pairs = pixel_pairs(ground_truth, reconstructions)
     for name, function in (("pixcorr", pixcorr), ("ssim", ssim)):
-        per_image = function(ground_truth, reconstructions)
+        per_image = function(*pairs, paired=True)
         results[name] = MetricScore(name, per_image, interval(per_image), "pixels", True, True)
     wanted = [metric for metric in metrics if metric.network in networks]
     for network_name in track(list(dict.fromkeys(m.network for m in wanted)), "feature networks", enabled=progress):
@@ -223,15 +228,14 @@ def load_networks(
                 if metric.network == name:
                     skipped[metric.name] = err.reason
     if standin:
-        networks["lite0"] = load_standin_network()
+        try:
+            networks["lite0"] = load_standin_network()
+        except FileNotFoundError as err:  # its package is not installed
+            if not skip_missing:
+                raise
+            for metric in STANDIN_METRICS:
+                skipped[metric.name] = str(err)
     return networks, skipped
-
-
-def _versions() -> dict[str, str]:
-    versions = {"havir": havir.__version__, "python": platform.python_version()}
-    for package in ("torch", "torchvision", "scikit-image", "numpy", "transformers"):
-        versions[package] = metadata.version(package)
-    return versions
 
 
 def evaluate_folder(
@@ -288,7 +292,7 @@ def evaluate_folder(
         "identification": "two-way: fraction of other ground truths i with corr(G_i, R_j) < corr(G_j, R_j), mean over j",
         "bootstrap": {"resamples": resamples, "level": 0.95, "seed": seed},
         "published_protocol": PUBLISHED_PROTOCOL,
-        "versions": _versions(),
+        "versions": package_versions("torch", "torchvision", "scikit-image", "numpy", "transformers"),
     }
     evaluation = Evaluation(nsd_ids, scores, skipped, protocol)
     evaluation.outputs = {"json": out / "eval.json", "csv": out / "per_image.csv"}

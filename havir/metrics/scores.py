@@ -64,23 +64,27 @@ def _check_pairs(ground_truth: np.ndarray, reconstructions: np.ndarray) -> None:
         raise ValueError(f"reconstructions must be RGB images (n, h, w, 3), got shape {reconstructions.shape}")
 
 
-def pixcorr(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
-    """PixCorr per image: Pearson r between the flattened RGB pixels of the ground truth and the
-    reconstruction resized (bilinear) to the ground truth's size, both in [0, 1]. Shape (n,)."""
+def pixel_pairs(ground_truth: np.ndarray, reconstructions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both image sets as float64 in [0, 1] at the ground truth's size, (n, s, s, 3) each: the
+    reconstructions resized (bilinear) once, for PixCorr and SSIM alike."""
     _check_pairs(ground_truth, reconstructions)
-    truth = as_unit_float(ground_truth).reshape(len(ground_truth), -1)
-    recon = _at_ground_truth_size(reconstructions, ground_truth.shape[1]).reshape(len(ground_truth), -1)
-    return row_correlations(truth, recon)
+    return as_unit_float(ground_truth), _at_ground_truth_size(reconstructions, ground_truth.shape[1])
 
 
-def ssim(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
+def pixcorr(ground_truth: np.ndarray, reconstructions: np.ndarray, *, paired: bool = False) -> np.ndarray:
+    """PixCorr per image: Pearson r between the flattened RGB pixels of the ground truth and the
+    reconstruction resized (bilinear) to the ground truth's size, both in [0, 1]. Shape (n,).
+    ``paired``: the inputs are already :func:`pixel_pairs`."""
+    truth, recon = (ground_truth, reconstructions) if paired else pixel_pairs(ground_truth, reconstructions)
+    return row_correlations(truth.reshape(len(truth), -1), recon.reshape(len(recon), -1))
+
+
+def ssim(ground_truth: np.ndarray, reconstructions: np.ndarray, *, paired: bool = False) -> np.ndarray:
     """SSIM per image, on grayscale at the ground truth's size: scikit-image's 2-D SSIM with
     Gaussian weights (sigma 1.5), population covariance and data range 1 (Wang et al. 2004).
     ``channel_axis=None`` on 2-D grayscale is the true 2-D SSIM (the old ``multichannel`` trap
-    computed a per-column 1-D one). Shape (n,)."""
-    _check_pairs(ground_truth, reconstructions)
-    truth = as_unit_float(ground_truth)
-    recon = _at_ground_truth_size(reconstructions, ground_truth.shape[1])
+    computed a per-column 1-D one). Shape (n,). ``paired``: the inputs are already :func:`pixel_pairs`."""
+    truth, recon = (ground_truth, reconstructions) if paired else pixel_pairs(ground_truth, reconstructions)
     return np.array([
         structural_similarity(
             rgb2gray(t), rgb2gray(r), gaussian_weights=True, sigma=1.5,
