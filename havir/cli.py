@@ -252,8 +252,8 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
-    from havir.metrics.evaluate import evaluate_folder
     _refuse_launch("eval")
+    from havir.metrics.evaluate import evaluate_folder
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
@@ -285,8 +285,8 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on a synthetic NSD with small models, offline, ending in an HTML report."""
-    from havir.demo import run_demo
     _refuse_launch("demo")
+    from havir.demo import run_demo
 
     if images < 50:
         raise ValueError(f"--images must be at least 50 (a tenth are the test images), got {images}")
