@@ -16,6 +16,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from havir.errors import HavirError
 from havir.progress import stderr_console
 
 app = typer.Typer(
@@ -38,9 +39,9 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; progress stays on stderr.")]
 
-# What the library raises for bad input; OSError covers missing, unreadable and unwritable files,
-# MemoryError a batch too large for the GPU.
-_USER_ERRORS = (ValueError, TypeError, OSError, MemoryError)
+# What the library raises for bad input: HavirError for the errors it names itself; OSError covers
+# missing, unreadable and unwritable files, MemoryError a batch too large for the GPU.
+_USER_ERRORS = (HavirError, ValueError, TypeError, OSError, MemoryError)
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
