@@ -217,6 +217,7 @@ def reconstruct(
     text_share: Annotated[float, typer.Option("--text-share", help="Text share of the dual guidance (image: 1 - this).")] = 0.4,
     seed: Annotated[int, typer.Option("--seed", help="Run seed; each image's noise comes from it and the nsdId.")] = 0,
     scheduler: Annotated[str, typer.Option("--scheduler", help="ddim, pndm, dpmsolver or euler.")] = "ddim",
+    img2img_start: Annotated[str, typer.Option("--img2img-start", help="Where the structural latent is noised to: diffusers (t = 721 at 50 steps, strength 0.75) or brain-diffuser (t = 741).")] = "diffusers",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -226,7 +227,8 @@ def reconstruct(
     from havir.reconstruct import SamplerSettings, reconstruct_run
 
     settings = SamplerSettings(
-        steps=steps, strength=strength, guidance=guidance, text_share=text_share, seed=seed, scheduler=scheduler
+        steps=steps, strength=strength, guidance=guidance, text_share=text_share, seed=seed, scheduler=scheduler,
+        img2img_start=img2img_start,
     )
     summary = reconstruct_run(run, out, mode=mode, settings=settings, limit=limit, batch_size=batch_size, device=device, dtype=dtype)
     _emit(summary, as_json, f"reconstructions in {out}")

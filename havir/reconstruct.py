@@ -3,9 +3,16 @@
 The sampler drives Versatile Diffusion's dual-guided UNet, its scheduler and its VAE directly
 (the diffusers pipeline has no image-to-image start and takes no precomputed embeddings):
 
-1. ``latents = scheduler.add_noise(z_struct, noise, t_start)``: the predicted structural latent
-   noised to the step ``strength`` sets (strength 0.75 of 50 DDIM steps: the last 37 steps run);
-   with strength 1 (or no structural latent) the start is pure noise.
+1. ``latents = scheduler.add_noise(z_struct, noise, t_noise)``: the predicted structural latent
+   noised (``sqrt(abar_t) z + sqrt(1 - abar_t) eps``), then the last ``int(steps * strength)``
+   steps run (strength 0.75 of 50 DDIM steps: 37 steps, from t = 721). Where ``t_noise`` lies is
+   the ``img2img_start`` setting: ``"diffusers"`` (img2img pipelines) noises to the first step
+   that runs, t = 721; ``"brain-diffuser"`` (its ``stochastic_encode(z, 37)``) noises one step
+   further, to ``ddim_timesteps[37]`` = 741 (abar 0.0604 against 0.0705), then denoises the same
+   37 steps from t = 721. With strength 1 (or no structural latent) the start is pure noise.
+   The scheduler never clips or thresholds its predicted clean latent unless a setting says so:
+   released folders ship a PNDM config without ``clip_sample``, which DDIM would read as
+   ``clip_sample=True`` and clamp every latent to [-1, 1]; Brain-Diffuser's sampler never clips.
 2. For each remaining step ``t``: ``eps_u, eps_c = unet([x_t, x_t], t, [c_uncond, c])``, then
    ``eps = eps_u + guidance * (eps_c - eps_u)`` (classifier-free guidance), and
    ``x_{t-1} = scheduler.step(eps, t, x_t)``.
@@ -58,6 +65,10 @@ SCHEDULERS = {
 }
 
 
+#: Where an image-to-image start noises the structural latent (see the module docstring).
+IMG2IMG_STARTS = ("diffusers", "brain-diffuser")
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """Settings of the sampler (Brain-Diffuser's defaults)."""
@@ -69,10 +80,15 @@ class SamplerSettings:
     eta: float = 0.0  # DDIM's stochasticity (0: deterministic); ignored by other schedulers
     seed: int = 0
     scheduler: str = "ddim"  # ddim, pndm, dpmsolver or euler
+    img2img_start: str = "diffusers"  # where the structural latent is noised to: diffusers or brain-diffuser
+    clip_sample: bool = False  # clamp the predicted clean latent to [-1, 1] (schedulers that can)
+    thresholding: bool = False  # dynamic thresholding of the predicted clean latent (schedulers that can)
 
     def __post_init__(self):
         if self.scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
+        if self.img2img_start not in IMG2IMG_STARTS:
+            raise ValueError(f"img2img start must be one of {', '.join(IMG2IMG_STARTS)}, got {self.img2img_start!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"strength must be in [0, 1], got {self.strength}")
         if self.steps < 1:
@@ -100,6 +116,41 @@ def image_noise(nsd_ids, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return torch.stack(noises)
 
 
+def build_scheduler(config, settings: SamplerSettings):
+    """The sampler's scheduler from a model's scheduler ``config``, with clipping and thresholding
+    as ``settings`` say (off by default), whatever the config says or omits."""
+    scheduler_class = SCHEDULERS[settings.scheduler]
+    accepted = inspect.signature(scheduler_class.__init__).parameters
+    overrides = {name: getattr(settings, name) for name in ("clip_sample", "thresholding") if name in accepted}
+    return scheduler_class.from_config(config, **overrides)
+
+
+def img2img_timesteps(scheduler, settings: SamplerSettings) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(timesteps that run, the timestep the start is noised to) of an image-to-image start.
+
+    ``scheduler`` has had ``set_timesteps(settings.steps)``. The last ``int(steps * strength)``
+    steps run (diffusers' img2img); ``"diffusers"`` noises to the first of them,
+    ``"brain-diffuser"`` to the step before it (``stochastic_encode(z, t_enc)`` takes
+    ``ddim_timesteps[t_enc]``, then ``decode`` runs ``ddim_timesteps[:t_enc]`` from the top).
+    The noise timestep is None when no step runs.
+    """
+    n_run = min(int(settings.steps * settings.strength), settings.steps)
+    first = settings.steps - n_run
+    timesteps = scheduler.timesteps[first:]
+    if n_run == 0:
+        return timesteps, None
+    noise_index = first - 1 if settings.img2img_start == "brain-diffuser" and first > 0 else first
+    return timesteps, scheduler.timesteps[noise_index]
+
+
+def noised_start(scheduler, settings: SamplerSettings, start_latents: torch.Tensor, noise: torch.Tensor):
+    """(timesteps that run, the first latents): ``start_latents`` noised per ``settings``."""
+    timesteps, noise_timestep = img2img_timesteps(scheduler, settings)
+    if noise_timestep is None:
+        return timesteps, start_latents
+    return timesteps, scheduler.add_noise(start_latents, noise, noise_timestep.repeat(len(noise)))
+
+
 @torch.no_grad()
 def sample(
     vd: VersatileDiffusion,
@@ -113,20 +164,18 @@ def sample(
     """Denoise to latents (n, 4, h, w), from ``start_latents`` noised per ``settings.strength``
     (or from ``noise`` alone when no start is given or strength is 1)."""
     device, dtype = vd.image_unet.device, vd.image_unet.dtype
-    scheduler = SCHEDULERS[settings.scheduler].from_config(vd.scheduler.config)
+    scheduler = build_scheduler(vd.scheduler.config, settings)
     scheduler.set_timesteps(settings.steps, device=device)
     step_kwargs = {"eta": settings.eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
-    timesteps = scheduler.timesteps
     noise = noise.to(device=device, dtype=dtype)
     if start_latents is None or settings.strength >= 1.0:
+        timesteps = scheduler.timesteps
         latents = noise * scheduler.init_noise_sigma
     else:
-        n_run = min(int(settings.steps * settings.strength), settings.steps)  # as diffusers' img2img
-        timesteps = timesteps[settings.steps - n_run :]
         start_latents = start_latents.to(device=device, dtype=dtype)
-        if n_run == 0:
+        timesteps, latents = noised_start(scheduler, settings, start_latents, noise)
+        if len(timesteps) == 0:
             return start_latents
-        latents = scheduler.add_noise(start_latents, noise, timesteps[:1].repeat(len(noise)))
     text_uncond, image_uncond = unconditional if unconditional is not None else unconditional_embeddings(vd)
     n = len(noise)
     condition = torch.cat([text_embeds, image_embeds], dim=1).to(device=device, dtype=dtype)
@@ -168,6 +217,26 @@ def reconstruct_batch(
     start = latents if mode == "fused" else None
     out = sample(vd, text_embeds, image_embeds, noise, settings, start_latents=start, unconditional=unconditional)
     return decode(vd, out)
+
+
+def schedule_record(vd: VersatileDiffusion, settings: SamplerSettings, mode: str) -> dict:
+    """What the sampler ran, for the manifest: scheduler class and clipping, timesteps, the
+    image-to-image start (noised to which timestep, first denoising timestep)."""
+    if mode == "structural":
+        return {"denoising_steps": 0}
+    scheduler = build_scheduler(vd.scheduler.config, settings)
+    scheduler.set_timesteps(settings.steps)
+    record = {"scheduler": type(scheduler).__name__, "clip_sample": bool(scheduler.config.get("clip_sample", False)),
+              "thresholding": bool(scheduler.config.get("thresholding", False))}
+    if mode == "semantic" or settings.strength >= 1.0:
+        return record | {"start": "noise", "denoising_steps": len(scheduler.timesteps),
+                         "first_timestep": int(scheduler.timesteps[0])}
+    timesteps, noise_timestep = img2img_timesteps(scheduler, settings)
+    return record | {
+        "start": settings.img2img_start, "denoising_steps": len(timesteps),
+        "noised_to_timestep": None if noise_timestep is None else int(noise_timestep),
+        "first_timestep": int(timesteps[0]) if len(timesteps) else None,
+    }
 
 
 def write_images(out: Path, nsd_ids, images: np.ndarray) -> None:
@@ -217,7 +286,8 @@ def reconstruct(
     seconds = time.perf_counter() - started
     if launch.is_main_process:
         write_json(out / "manifest.json", {
-            "mode": mode, "settings": asdict(settings), "images": [int(nsd_ids[i]) for i in order.tolist()],
+            "mode": mode, "settings": asdict(settings), "schedule": schedule_record(vd, settings, mode),
+            "images": [int(nsd_ids[i]) for i in order.tolist()],
             "vd": vd.source, "havir_version": havir.__version__, "torch": torch.__version__,
         } | (provenance or {}))
     return {

@@ -13,7 +13,16 @@ from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusio
 from havir.features import compute_features, encode_clip_images, encode_clip_texts
 from havir.metrics.scores import row_correlations, two_way_identification
 from havir.models.versatile import build_random, load_versatile_diffusion
-from havir.reconstruct import SamplerSettings, decode, image_noise, predict_test_set, reconstruct, sample
+from havir.reconstruct import (
+    SamplerSettings,
+    build_scheduler,
+    decode,
+    image_noise,
+    noised_start,
+    predict_test_set,
+    reconstruct,
+    sample,
+)
 from havir.train import TrainConfig, train_subject
 
 
@@ -131,6 +140,85 @@ def test_other_schedulers_run(tiny, predictions, tmp_path, scheduler):
     summary = reconstruct(tiny, predicted, ids, tmp_path, settings=SamplerSettings(steps=4, scheduler=scheduler), limit=1)
     image = np.asarray(PIL.Image.open(tmp_path / "4.png"))
     assert summary["reconstructed"] == 1 and image.shape == (tiny.image_side, tiny.image_side, 3) and image.std() > 0
+
+
+#: A released Stable-Diffusion-era scheduler config, as diffusers' Versatile Diffusion conversion
+#: script saves it (PNDM, no ``clip_sample`` key: DDIM's own default would be True).
+RELEASED_PNDM_CONFIG = {
+    "_class_name": "PNDMScheduler", "_diffusers_version": "0.8.0.dev0", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "trained_betas": None,
+}
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "pndm", "dpmsolver", "euler"])
+def test_schedulers_from_a_released_pndm_config_never_clip(scheduler):
+    built = build_scheduler(RELEASED_PNDM_CONFIG, SamplerSettings(scheduler=scheduler))
+    assert not built.config.get("clip_sample", False) and not built.config.get("thresholding", False)
+
+
+def test_ddim_from_a_released_pndm_config_keeps_large_clean_latents():
+    """One DDIM step with eps = 0 from x_t = 3: x0 = x_t / sqrt(abar_t) (about 11) is kept, not
+    clamped to 1; the setting turns clipping back on."""
+    built = build_scheduler(RELEASED_PNDM_CONFIG, SamplerSettings())
+    built.set_timesteps(50)
+    t, t_prev = 721, 701
+    x_t = torch.full((1, 4, 2, 2), 3.0)
+    got = built.step(torch.zeros_like(x_t), t, x_t).prev_sample
+    abar = built.alphas_cumprod.double()
+    assert torch.allclose(got.double(), abar[t_prev].sqrt() * x_t.double() / abar[t].sqrt(), rtol=1e-5)
+    clipping = build_scheduler(RELEASED_PNDM_CONFIG, SamplerSettings(clip_sample=True))
+    clipping.set_timesteps(50)
+    assert torch.allclose(clipping.step(torch.zeros_like(x_t), t, x_t).prev_sample.double(), abar[t_prev].sqrt() * 1.0)
+
+
+def test_sampling_from_a_released_pndm_config_equals_the_unclipped_ddim(tiny):
+    """The same model with the release's PNDM config samples exactly as with an explicit
+    ``clip_sample=False`` DDIM config (random tiny weights predict clean latents far outside [-1, 1])."""
+    from dataclasses import replace
+
+    from diffusers import PNDMScheduler
+
+    side = tiny.image_side // 8
+    generator = torch.Generator().manual_seed(4)
+    noise, start = torch.randn(1, 4, side, side, generator=generator), torch.randn(1, 4, side, side, generator=generator)
+    embeds = torch.randn(1, 77, 32, generator=generator) * 0.1, torch.randn(1, 257, 32, generator=generator) * 0.1
+    settings = SamplerSettings(steps=5, strength=0.8)
+    released = replace(tiny, scheduler=PNDMScheduler.from_config(RELEASED_PNDM_CONFIG))
+    assert torch.equal(sample(released, *embeds, noise, settings, start_latents=start),
+                       sample(tiny, *embeds, noise, settings, start_latents=start))
+
+
+@pytest.mark.parametrize(("start", "t_noise"), [("diffusers", 721), ("brain-diffuser", 741)])
+def test_img2img_start_noises_to_the_closed_form(tiny, start, t_noise):
+    """50 DDIM steps, strength 0.75: 37 steps run from t = 721 under both conventions; the start is
+    sqrt(abar_t) x0 + sqrt(1 - abar_t) eps with t = 721 (diffusers) or 741 (Brain-Diffuser), abar
+    from the scaled-linear schedule in float64."""
+    settings = SamplerSettings(steps=50, strength=0.75, img2img_start=start)
+    scheduler = build_scheduler(tiny.scheduler.config, settings)
+    scheduler.set_timesteps(50)
+    generator = torch.Generator().manual_seed(5)
+    x0, eps = torch.randn(2, 4, 3, 3, generator=generator), torch.randn(2, 4, 3, 3, generator=generator)
+    timesteps, latents = noised_start(scheduler, settings, x0, eps)
+    assert len(timesteps) == 37 and int(timesteps[0]) == 721 and int(timesteps[-1]) == 1
+    betas = np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2
+    abar = np.cumprod(1 - betas)[t_noise]
+    assert round(abar, 4) == {721: 0.0705, 741: 0.0604}[t_noise]
+    expected = np.sqrt(abar) * x0.double().numpy() + np.sqrt(1 - abar) * eps.double().numpy()
+    np.testing.assert_allclose(latents.double().numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_manifest_records_the_img2img_start(tiny, predictions, tmp_path):
+    ids, predicted = predictions
+    for start, t_noise in (("diffusers", 721), ("brain-diffuser", 741)):
+        settings = SamplerSettings(steps=50, strength=0.75, img2img_start=start)
+        images = reconstruct(tiny, predicted, ids, tmp_path / start, settings=settings, limit=0)
+        manifest = json.loads((tmp_path / start / "manifest.json").read_text())
+        assert images["n_images"] == 0 and manifest["settings"]["img2img_start"] == start
+        assert manifest["schedule"] == {"scheduler": "DDIMScheduler", "clip_sample": False, "thresholding": False, "start": start,
+                                        "denoising_steps": 37, "noised_to_timestep": t_noise, "first_timestep": 721}
+    with pytest.raises(ValueError, match="img2img start must be one of diffusers, brain-diffuser"):
+        SamplerSettings(img2img_start="ldm")
 
 
 def test_bad_strength(run_cli, tmp_path):
