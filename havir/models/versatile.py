@@ -14,7 +14,13 @@
   random weights, for benchmarks.
 
 Every component is loaded by its own class, so the legacy ``model_index.json`` entries of the
-hub repository do not matter (see :mod:`havir.models.compat`).
+hub repository do not matter (see :mod:`havir.models.compat`). Only ``.safetensors`` weights are
+read (``use_safetensors=True``): a folder holding pickled ``.bin`` weights alone is refused, never
+unpickled. The scheduler is read as DDIM from whatever config the folder holds (the release ships
+a ``PNDMScheduler`` one) with clipping and thresholding off (the sampler decides them again from
+its settings). The side of the generated images is, in order: HAVIR's own ``_havir_image_side``
+entry of ``model_index.json``, else the image UNet's ``sample_size`` times the VAE's
+downsampling (how diffusers' pipelines choose their default height), else 512.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from transformers import (
 
 from transformers.utils import logging as transformers_logging
 
+from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path
 from havir.models.compat import UNetFlatConditionModel, make_dual_unet
 
@@ -49,6 +56,10 @@ CONFIGS = Path(__file__).parent / "configs"
 DEMO_VAE = Path(__file__).parent / "weights" / "demo-vae"
 #: Folders of a diffusers-layout Versatile Diffusion, and which files each must hold.
 COMPONENTS = ("tokenizer", "image_feature_extractor", "text_encoder", "image_encoder", "image_unet", "text_unet", "vae", "scheduler")
+#: The components holding weights: each must hold them as safetensors.
+WEIGHTED = ("text_encoder", "image_encoder", "image_unet", "text_unet", "vae")
+#: Side of the released model's images (VD was trained at 512x512).
+RELEASED_IMAGE_SIDE = 512
 TEXT_TOKENS = 77
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -249,23 +260,42 @@ def _load_folder(folder: Path) -> VersatileDiffusion:
             f"Versatile Diffusion folder {folder} lacks {', '.join(missing)}: expected the diffusers layout "
             f"({', '.join(COMPONENTS)}), e.g. a download of {DEFAULT_MODEL}"
         )
+    pickled_only = [c for c in WEIGHTED if not any((folder / c).glob("*.safetensors"))]
+    if pickled_only:
+        raise MissingInputError(
+            f"Versatile Diffusion folder {folder} has no .safetensors weights in {', '.join(pickled_only)} "
+            "(HAVIR never unpickles .bin files): download the safetensors files "
+            f"(`huggingface-cli download {DEFAULT_MODEL} --include '*.safetensors' '*.json' '*.txt'`) "
+            "or convert the .bin files to safetensors where you trust them"
+        )
     index_path = folder / "model_index.json"
     index = json.loads(index_path.read_text()) if index_path.is_file() else {}
     try:
-        image_unet = UNet2DConditionModel.from_pretrained(folder / "image_unet")
-        text_unet = UNetFlatConditionModel.from_pretrained(folder / "text_unet")
+        image_unet = UNet2DConditionModel.from_pretrained(folder / "image_unet", use_safetensors=True)
+        text_unet = UNetFlatConditionModel.from_pretrained(folder / "text_unet", use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True)
         return VersatileDiffusion(
             tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
             image_processor=CLIPImageProcessorPil.from_pretrained(folder / "image_feature_extractor"),
-            text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder").eval(),
-            image_encoder=CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder").eval(),
+            text_encoder=CLIPTextModelWithProjection.from_pretrained(folder / "text_encoder", use_safetensors=True).eval(),
+            image_encoder=CLIPVisionModelWithProjection.from_pretrained(folder / "image_encoder", use_safetensors=True).eval(),
             image_unet=make_dual_unet(image_unet, text_unet).eval(),
             text_unet=text_unet.eval(),
-            vae=AutoencoderKL.from_pretrained(folder / "vae").eval(),
-            scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
+            vae=vae.eval(),
+            scheduler=DDIMScheduler.from_pretrained(folder / "scheduler", clip_sample=False, thresholding=False),
             source=str(folder),
-            image_side=int(index.get("_havir_image_side", 512)),
+            image_side=_image_side(index, image_unet, vae),
         )
     except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load Versatile Diffusion from {folder}: {err}") from err
+        raise InvalidInputError(f"cannot load Versatile Diffusion from {folder}: {err}") from err
+
+
+def _image_side(index: dict, image_unet: UNet2DConditionModel, vae: AutoencoderKL) -> int:
+    """Side of the images a folder's model generates (see the module docstring)."""
+    if "_havir_image_side" in index:
+        return int(index["_havir_image_side"])
+    latent_side = image_unet.config.sample_size
+    if isinstance(latent_side, int):
+        return latent_side * 2 ** (len(vae.config.block_out_channels) - 1)
+    return RELEASED_IMAGE_SIDE
 
