@@ -178,6 +178,8 @@ class SubjectMasks:
     roi_counts : ``{"structural": {"atlas/label": n}, "semantic": {...}}``, voxels of each label
         inside ``within`` before overlap resolution.
     overlap_resolved : voxels that both sets selected and ``overlap`` assigned to one of them.
+    other : bool array of shape (X, Y, Z): the ``within`` voxels in neither set (with both sets,
+        all of ``nsdgeneral``: the input of Brain-Diffuser's ridge baseline).
     """
 
     subject: int
@@ -187,6 +189,7 @@ class SubjectMasks:
     affine: np.ndarray
     roi_counts: dict[str, dict[str, int]]
     overlap_resolved: int
+    other: np.ndarray | None = None
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -194,7 +197,7 @@ class SubjectMasks:
 
     def voxels(self, which: str) -> np.ndarray:
         """``(n, 3)`` int array of the ``(x, y, z)`` indices of ``which`` set, in C order."""
-        mask = {"structural": self.structural, "semantic": self.semantic}[which]
+        mask = {"structural": self.structural, "semantic": self.semantic, "other": self.other}[which]
         return np.argwhere(mask)
 
     def summary(self) -> dict:
@@ -260,6 +263,7 @@ def build_masks(layout: NSDLayout, subject: int, definition: MaskDefinition) -> 
         affine=reference.affine,
         roi_counts=counts,
         overlap_resolved=int(both.sum()),
+        other=within & ~structural & ~semantic,
     )
 
 

@@ -16,6 +16,8 @@ Output, ``OUT/subjXX.h5`` (``n`` = trials of a split, ``v`` = voxels of a set):
 =================================  ==========================================================
 ``train/structural`` (n, v)        float32 z-scored betas of the structural voxels
 ``train/semantic`` (n, v)          float32 z-scored betas of the semantic voxels
+``train/other`` (n, v)             float32 z-scored betas of the nsdgeneral voxels in neither set
+                                   (all three: every nsdgeneral voxel, the ridge baseline's input)
 ``train/nsd_id`` (n,)              int64 0-based 73k image id of each trial
 ``train/repetition`` (n,)          int8 0, 1, 2: which showing of the image
 ``train/session`` (n,)             int16 1-based session
@@ -51,8 +53,8 @@ from havir.nsd.stimuli import iter_stimuli, read_captions, read_stim_info, stimu
 from havir.progress import track
 
 #: Version of the prepared-file layout; later stages refuse files of another version.
-FORMAT_VERSION = 1
-_SETS = ("structural", "semantic")
+FORMAT_VERSION = 2
+_SETS = ("structural", "semantic", "other")
 _ROWS_PER_BLOCK = 512  # rows z-scored per block in the second pass
 
 
@@ -64,6 +66,8 @@ class PreparedSubject:
     ----------
     structural : float32 array (n_trials, n_structural_voxels), z-scored betas.
     semantic : float32 array (n_trials, n_semantic_voxels), z-scored betas.
+    other : float32 array (n_trials, n_other_voxels), z-scored betas of the ``within``
+        (``nsdgeneral``) voxels in neither set.
     nsd_id : int64 array (n_trials,), 0-based image id of each trial.
     repetition : int8 array (n_trials,), which showing (0, 1, 2) of the image.
     session : int16 array (n_trials,), 1-based session.
@@ -71,6 +75,7 @@ class PreparedSubject:
 
     structural: np.ndarray
     semantic: np.ndarray
+    other: np.ndarray
     nsd_id: np.ndarray
     repetition: np.ndarray
     session: np.ndarray
@@ -155,7 +160,7 @@ def _create_layout(h5, subject, trials, split_of, n_rows, voxels, fingerprint) -
         for name in _SETS:
             n_voxels = len(voxels[name])
             chunk_rows = max(1, min(32, n_rows[split]))
-            group.create_dataset(name, (n_rows[split], n_voxels), np.float32, chunks=(chunk_rows, n_voxels))
+            group.create_dataset(name, (n_rows[split], n_voxels), np.float32, chunks=(chunk_rows, n_voxels) if n_voxels else None)
         group["nsd_id"] = trials.nsd_id[rows]
         group["repetition"] = trials.repetition[rows]
         group["session"] = trials.session[rows]
@@ -165,7 +170,8 @@ def _create_layout(h5, subject, trials, split_of, n_rows, voxels, fingerprint) -
 
 def _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, progress) -> None:
     """Pass 1: each session's masked betas into the file; its training moments beside them."""
-    columns = {"structural": slice(0, n_voxels["structural"]), "semantic": slice(n_voxels["structural"], None)}
+    ends = np.cumsum([n_voxels[name] for name in _SETS])
+    columns = {name: slice(end - n_voxels[name], end) for name, end in zip(_SETS, ends)}
     first = sum(b.n_trials for b in files[:resumed])
     written = {split: int(rows[:first].sum()) for split, rows in split_of.items()}
     for index in track(range(resumed, len(files)), f"subj{subject:02d}: reading sessions", total=len(files) - resumed, enabled=progress):
@@ -269,7 +275,7 @@ def prepare_subject(
 
     voxels = {name: masks.voxels(name) for name in _SETS}
     n_voxels = {name: len(v) for name, v in voxels.items()}
-    both = np.concatenate([voxels["structural"], voxels["semantic"]])
+    both = np.concatenate([voxels[name] for name in _SETS])
     split_of = {"train": ~trials.is_test, "test": trials.is_test}
     n_rows = {split: int(rows.sum()) for split, rows in split_of.items()}
 
@@ -312,6 +318,7 @@ def prepare_subject(
         "test_trials": n_rows["test"],
         "structural_voxels": n_voxels["structural"],
         "semantic_voxels": n_voxels["semantic"],
+        "other_voxels": n_voxels["other"],
         "betas_formats": sorted({b.fmt for b in files}),
         "resumed_sessions": resumed,
         "output": str(h5_path),

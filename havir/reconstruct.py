@@ -304,7 +304,7 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
     """
     from havir.models.decoders import SemanticExtractor, StructuralGenerator
     from havir.models.ridge import RidgeDecoder
-    from havir.train import load_test_data
+    from havir.train import load_test_data, ridge_voxels
 
     record_path = Path(run) / "summary.json"
     if not record_path.is_file():
@@ -314,7 +314,7 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
     with torch.no_grad():
         if record["model"] == "ridge":
             ridge = RidgeDecoder.from_pretrained(Path(run) / "ridge", device=str(device))
-            predicted = ridge.predict(np.concatenate([test.structural, test.semantic], axis=1))
+            predicted = ridge.predict(ridge_voxels(test, record.get("ridge", {}).get("inputs", "sets")))
             predictions = {name: torch.as_tensor(value) for name, value in predicted.items()}
         else:
             structural = StructuralGenerator.from_pretrained(Path(run) / "structural").to(device).eval()

@@ -58,6 +58,19 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 TARGETS = ("vae_latents", "clip_image", "clip_text")
+#: The ridge baseline's settings. ``search``: HAVIR's two voxel sets, the fit rows of the run
+#: (trials or averages, ``use_trials``), each strength chosen from ``ridge_alphas`` on a split of
+#: the training images. ``brain-diffuser``: its scripts/*_regression.py -- every nsdgeneral voxel,
+#: repetition averages of every training image, voxels standardised (ddof 1), fixed strengths
+#: (50,000 was its VDVAE latents', here the VAE latents'; 60,000 CLIP image; 100,000 CLIP text),
+#: predictions re-scaled to the training targets' statistics.
+RIDGE_PRESETS = {
+    "search": {"inputs": "sets", "averages": False, "fixed_alphas": None, "standardise_inputs": False, "rescale": False},
+    "brain-diffuser": {
+        "inputs": "nsdgeneral", "averages": True, "fixed_alphas": {"vae_latents": 5e4, "clip_image": 6e4, "clip_text": 1e5},
+        "standardise_inputs": True, "rescale": True,
+    },
+}
 
 
 @dataclass
@@ -76,6 +89,7 @@ class TrainConfig:
     contrastive_weight: float = 0.0  # semantic: weight of InfoNCE on the pooled token
     shuffle_control: bool = False  # control run: pair each voxel pattern with a random image
     ridge_alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
+    ridge_preset: str = "search"  # ridge baseline: "search" or "brain-diffuser" (see RIDGE_PRESETS)
     checkpoint_minutes: float = 5.0  # write the checkpoint and best models at most this often (and at the end)
     seed: int = 0
 
@@ -94,6 +108,8 @@ class TrainConfig:
         config = cls(**values)
         if config.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {config.preset!r}")
+        if config.ridge_preset not in RIDGE_PRESETS:
+            raise ValueError(f"ridge_preset must be one of {', '.join(RIDGE_PRESETS)}, got {config.ridge_preset!r}")
         return config
 
     def to_toml(self) -> str:
@@ -110,7 +126,8 @@ class Split:
     """Inputs and targets of one part of the data (rows are samples).
 
     structural, semantic : float32 (n, voxels); vae_latents (n, 4, s, s), clip_image (n, 257, D),
-    clip_text (n, 77, D) float32; nsd_id (n,).
+    clip_text (n, 77, D) float32; nsd_id (n,); other : float32 (n, voxels), the nsdgeneral voxels
+    in neither set (only the ridge baseline reads them).
     """
 
     structural: np.ndarray
@@ -119,6 +136,7 @@ class Split:
     clip_image: np.ndarray
     clip_text: np.ndarray
     nsd_id: np.ndarray
+    other: np.ndarray | None = None
 
     def targets(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in TARGETS}
@@ -164,11 +182,12 @@ def _check_covered(cache: Path, feature_ids: np.ndarray, nsd_ids: np.ndarray) ->
         raise ValueError(f"{cache} lacks features of {missing.size} images of the prepared data: run `havir features` again")
 
 
-def _averaged_split(structural, semantic, nsd_id, features: dict[str, np.ndarray], feature_ids) -> Split:
+def _averaged_split(structural, semantic, nsd_id, features: dict[str, np.ndarray], feature_ids, other=None) -> Split:
     """Repetition averages of each image, with its targets (``features`` rows by ``feature_ids``)."""
     averaged_structural, ids = _averaged(structural, nsd_id)
     rows = np.searchsorted(feature_ids, ids)
-    return Split(averaged_structural, _averaged(semantic, nsd_id)[0], *(features[name][rows] for name in TARGETS), ids)
+    return Split(averaged_structural, _averaged(semantic, nsd_id)[0], *(features[name][rows] for name in TARGETS), ids,
+                 other=None if other is None else _averaged(other, nsd_id)[0])
 
 
 def load_test_data(data: Path, subject: int) -> Split:
@@ -180,7 +199,7 @@ def load_test_data(data: Path, subject: int) -> Split:
     with h5py.File(cache, "r") as h5:
         rows = np.searchsorted(feature_ids, ids).tolist()  # ascending, as h5py's fancy reads require
         features = {name: h5[name][rows].astype(np.float32) for name in TARGETS}
-    return _averaged_split(test.structural, test.semantic, test.nsd_id, features, ids)
+    return _averaged_split(test.structural, test.semantic, test.nsd_id, features, ids, test.other)
 
 
 def load_training_data(data: Path, subject: int, config: TrainConfig) -> TrainingData:
@@ -199,16 +218,18 @@ def load_training_data(data: Path, subject: int, config: TrainConfig) -> Trainin
     if config.use_trials:
         rows = np.searchsorted(feature_ids, train.nsd_id[fit_rows])
         fit = Split(train.structural[fit_rows], train.semantic[fit_rows], *(features[name][rows] for name in TARGETS),
-                    train.nsd_id[fit_rows])
+                    train.nsd_id[fit_rows], other=train.other[fit_rows])
     else:
-        fit = _averaged_split(train.structural[fit_rows], train.semantic[fit_rows], train.nsd_id[fit_rows], features, feature_ids)
+        fit = _averaged_split(train.structural[fit_rows], train.semantic[fit_rows], train.nsd_id[fit_rows], features, feature_ids,
+                              train.other[fit_rows])
     if config.shuffle_control:
         order = rng.permutation(len(fit.nsd_id))
         fit = dataclasses.replace(fit, **{name: value[order] for name, value in fit.targets().items()}, nsd_id=fit.nsd_id[order])
     return TrainingData(
         fit=fit,
-        val=_averaged_split(train.structural[is_val], train.semantic[is_val], train.nsd_id[is_val], features, feature_ids),
-        test=_averaged_split(test.structural, test.semantic, test.nsd_id, features, feature_ids),
+        val=_averaged_split(train.structural[is_val], train.semantic[is_val], train.nsd_id[is_val], features, feature_ids,
+                            train.other[is_val]),
+        test=_averaged_split(test.structural, test.semantic, test.nsd_id, features, feature_ids, test.other),
     )
 
 
@@ -388,15 +409,34 @@ def train_subject(
     return broadcast_object_list([summary])[0]  # every process returns it, once it is written
 
 
-def _train_ridge(dataset: TrainingData, config: TrainConfig, run: Path, device: torch.device) -> dict:
-    def voxels(part: Split) -> np.ndarray:  # Brain-Diffuser's ridge reads all visual voxels at once
-        return np.concatenate([part.structural, part.semantic], axis=1)
+def ridge_voxels(part: Split, inputs: str) -> np.ndarray:
+    """The ridge's input (n, v): HAVIR's two sets (``"sets"``), or with the other nsdgeneral
+    voxels too (``"nsdgeneral"``: all of them, as Brain-Diffuser reads them)."""
+    sets = [part.structural, part.semantic] + ([part.other] if inputs == "nsdgeneral" else [])
+    return np.concatenate(sets, axis=1)
 
-    ridge = RidgeDecoder(alphas=config.ridge_alphas, val_fraction=config.val_fraction, seed=config.seed, device=str(device))
-    ridge.fit(voxels(dataset.fit), dataset.fit.targets())
+
+def _image_averages(part: Split) -> Split:
+    """``part`` with its rows averaged by image (its targets are per image already)."""
+    ids, first = np.unique(part.nsd_id, return_index=True)
+    voxels = {name: _averaged(getattr(part, name), part.nsd_id)[0] for name in ("structural", "semantic", "other")}
+    return Split(**voxels, **{name: value[first] for name, value in part.targets().items()}, nsd_id=ids)
+
+
+def _train_ridge(dataset: TrainingData, config: TrainConfig, run: Path, device: torch.device) -> dict:
+    preset = RIDGE_PRESETS[config.ridge_preset]
+    fit = dataset.fit
+    if preset["averages"]:  # fixed strengths need no validation images: fit every training image's average
+        parts = [_image_averages(dataset.fit), dataset.val]
+        fit = Split(**{f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in dataclasses.fields(Split)})
+    ridge = RidgeDecoder(alphas=config.ridge_alphas, fixed_alphas=preset["fixed_alphas"], val_fraction=config.val_fraction,
+                         seed=config.seed, standardise_inputs=preset["standardise_inputs"], rescale=preset["rescale"],
+                         device=str(device))
+    ridge.fit(ridge_voxels(fit, preset["inputs"]), fit.targets(), groups=fit.nsd_id)
     ridge.save_pretrained(run / "ridge")
-    predicted = {name: torch.as_tensor(p) for name, p in ridge.predict(voxels(dataset.test)).items()}
-    return {"epochs": 0, "alpha": ridge.alpha_, "test_scores": scores(predicted, dataset.test.targets())}
+    predicted = {name: torch.as_tensor(p) for name, p in ridge.predict(ridge_voxels(dataset.test, preset["inputs"])).items()}
+    return {"epochs": 0, "alpha": ridge.alpha_, "ridge": {"preset": config.ridge_preset, **preset, "fit_rows": len(fit.nsd_id)},
+            "test_scores": scores(predicted, dataset.test.targets())}
 
 
 def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: torch.device, progress: bool = True) -> dict:

@@ -154,3 +154,34 @@ def test_test_data_alone_equals_the_test_part_of_the_training_data(trainable):
     alone, within = load_test_data(trainable[0], 1), load_training_data(trainable[0], 1, TINY).test
     for field in dataclasses.fields(alone):
         np.testing.assert_array_equal(getattr(alone, field.name), getattr(within, field.name), err_msg=field.name)
+
+
+def test_brain_diffuser_ridge_preset(trainable, tmp_path):
+    """Every nsdgeneral voxel (the two sets and the rest), one averaged row per training image,
+    fixed strengths, and test predictions re-scaled to the training targets' statistics; the
+    reconstruction step reads the same inputs back."""
+    from havir.models.ridge import RidgeDecoder
+    from havir.prepare import load_split
+    from havir.reconstruct import predict_test_set
+
+    data_dir, _ = trainable
+    config = TrainConfig(ridge_preset="brain-diffuser", seed=0)
+    summary = train_subject(data_dir, 1, tmp_path / "run", model="ridge", config=config, device="cpu", progress=False)
+    train = load_split(data_dir / "subj01.h5", "train")
+    n_voxels = train.structural.shape[1] + train.semantic.shape[1] + train.other.shape[1]
+    assert train.other.shape[1] > 0  # nsdgeneral is more than the two sets
+    ridge = RidgeDecoder.from_pretrained(tmp_path / "run/ridge")
+    assert ridge.x_mean_.shape == (n_voxels,) and ridge.rescale and ridge.standardise_inputs
+    assert summary["alpha"] == {"vae_latents": 5e4, "clip_image": 6e4, "clip_text": 1e5}
+    assert summary["ridge"]["inputs"] == "nsdgeneral" and summary["ridge"]["fit_rows"] == len(np.unique(train.nsd_id))
+    _, predicted, _ = predict_test_set(tmp_path / "run", torch.device("cpu"))
+    latents = predicted["vae_latents"].flatten(1).numpy()
+    np.testing.assert_allclose(latents.std(0), ridge.target_std_["vae_latents"].numpy(), rtol=1e-3, atol=1e-5)
+    assert summary["test_scores"]["clip_text_identification"] > 0.6
+
+
+def test_ridge_preset_must_be_known(tmp_path):
+    path = tmp_path / "config.toml"
+    path.write_text('ridge_preset = "mindeye"\n')
+    with pytest.raises(ValueError, match="ridge_preset must be one of search, brain-diffuser"):
+        TrainConfig.from_toml(path)
