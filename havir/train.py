@@ -46,7 +46,7 @@ from havir.features import FEATURES_FORMAT, features_path
 from havir.io import atomic_path, ensure_output_dir, write_json
 from havir.losses import info_nce, semantic_loss, structural_loss
 from havir.metrics.scores import row_correlations, two_way_identification
-from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator
+from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator, check_rank
 from havir.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
 from havir.nsd.layout import check_subject
 from havir.prepare import load_split
@@ -78,6 +78,7 @@ class TrainConfig:
     """Settings of a training run (a TOML file holds any subset of them)."""
 
     preset: str = "paper"  # decoder sizes: "paper" or "tiny"
+    semantic_rank: int | str = "preset"  # rank of the semantic token heads: "preset" (its own), "full" or a positive integer
     epochs: int = 40
     batch_size: int = 64
     learning_rate: float = 3e-4
@@ -108,6 +109,8 @@ class TrainConfig:
         config = cls(**values)
         if config.preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {config.preset!r}")
+        if config.semantic_rank != "preset":
+            check_rank(config.semantic_rank)
         if config.ridge_preset not in RIDGE_PRESETS:
             raise ValueError(f"ridge_preset must be one of {', '.join(RIDGE_PRESETS)}, got {config.ridge_preset!r}")
         return config
@@ -241,9 +244,10 @@ def build_decoders(data: TrainingData, config: TrainConfig) -> tuple[StructuralG
         n_voxels=data.fit.structural.shape[1], latent_channels=latent_channels, latent_size=latent_size,
         map_size=max(1, latent_size // 4), **preset["structural"],
     )
+    semantic_sizes = preset["semantic"] | ({} if config.semantic_rank == "preset" else {"rank": config.semantic_rank})
     semantic = SemanticExtractor(
         n_voxels=data.fit.semantic.shape[1], dim=data.fit.clip_image.shape[-1],
-        image_tokens=data.fit.clip_image.shape[1], text_tokens=data.fit.clip_text.shape[1], **preset["semantic"],
+        image_tokens=data.fit.clip_image.shape[1], text_tokens=data.fit.clip_text.shape[1], **semantic_sizes,
     )
     return structural, semantic
 

@@ -185,3 +185,17 @@ def test_ridge_preset_must_be_known(tmp_path):
     path.write_text('ridge_preset = "mindeye"\n')
     with pytest.raises(ValueError, match="ridge_preset must be one of search, brain-diffuser"):
         TrainConfig.from_toml(path)
+
+
+def test_semantic_rank_setting_reaches_the_heads(trainable, tmp_path):
+    from havir.train import build_decoders
+
+    path = tmp_path / "config.toml"
+    data = load_training_data(trainable[0], 1, TINY)
+    for rank, expected in (('"full"', "full"), ("16", 16), ('"preset"', 8)):
+        path.write_text(f'preset = "tiny"\nsemantic_rank = {rank}\n')
+        _, semantic = build_decoders(data, TrainConfig.from_toml(path))
+        assert semantic.config.rank == expected
+    path.write_text('semantic_rank = 0\n')
+    with pytest.raises(ValueError, match="positive integer or \"full\", got 0"):
+        TrainConfig.from_toml(path)

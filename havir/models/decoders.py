@@ -8,9 +8,11 @@
   CLIP text tokens (77xD): a residual MLP backbone and one head per modality.
 
 The heads are *token-factorised*: the backbone emits ``rank`` numbers per token, and one shared
-``rank -> D`` map (plus a learned per-token offset) turns them into tokens. A dense head from a
-4096-wide backbone to 257x768 would hold 808M parameters; with rank 64 it holds 68M, and the 77
-text tokens 20M more.
+``rank -> D`` map (plus a learned per-token offset) turns them into tokens, so every token's
+image-dependent part lies in one shared ``rank``-dimensional subspace of the D dimensions. A
+dense head from a 4096-wide backbone to 257x768 would hold 808M parameters; with rank 64 it holds
+68M, and the 77 text tokens 20M more. ``rank="full"`` is that dense head (no shared subspace);
+``bench/bench_semantic_rank.py`` measures how much of the targets' variance a rank keeps.
 
 Both are diffusers ``ModelMixin``/``ConfigMixin`` models: constructor arguments are the config,
 and ``save_pretrained``/``from_pretrained`` write and read ``config.json`` +
@@ -106,18 +108,27 @@ class StructuralGenerator(ModelMixin, ConfigMixin):
 
 
 class _TokenHead(nn.Module):
-    """Backbone features -> (n_tokens, dim) through ``rank`` numbers per token."""
+    """Backbone features -> (n_tokens, dim) through ``rank`` numbers per token (``"full"``: a
+    dense map straight to the n_tokens x dim numbers)."""
 
-    def __init__(self, width: int, n_tokens: int, dim: int, rank: int):
+    def __init__(self, width: int, n_tokens: int, dim: int, rank: int | str):
         super().__init__()
-        self.n_tokens, self.rank = n_tokens, rank
-        self.per_token = nn.Linear(width, n_tokens * rank)
-        self.to_dim = nn.Linear(rank, dim, bias=False)
+        full = rank == "full"
+        self.n_tokens, self.rank = n_tokens, dim if full else rank
+        self.per_token = nn.Linear(width, n_tokens * self.rank)
+        self.to_dim = nn.Identity() if full else nn.Linear(rank, dim, bias=False)
         self.token_offset = nn.Parameter(torch.zeros(n_tokens, dim))
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         factors = self.per_token(hidden).view(-1, self.n_tokens, self.rank)
         return self.to_dim(factors) + self.token_offset
+
+
+def check_rank(rank: int | str) -> int | str:
+    """``rank`` if it is a positive integer or ``"full"``; else a ValueError saying so."""
+    if rank == "full" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
+        return rank
+    raise ValueError(f"the semantic heads' rank must be a positive integer or \"full\", got {rank!r}")
 
 
 class SemanticExtractor(ModelMixin, ConfigMixin):
@@ -129,7 +140,7 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
     dim : CLIP token width (768 for Versatile Diffusion).
     image_tokens, text_tokens : 257 and 77 for Versatile Diffusion.
     width, n_blocks, input_dropout, block_dropout : the residual MLP backbone.
-    rank : numbers per token in the token-factorised heads.
+    rank : numbers per token in the token-factorised heads, or ``"full"`` (dense heads).
     """
 
     @register_to_config
@@ -143,9 +154,10 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
         n_blocks: int = 4,
         input_dropout: float = 0.5,
         block_dropout: float = 0.25,
-        rank: int = 64,
+        rank: int | str = 64,
     ):
         super().__init__()
+        check_rank(rank)
         self.stem = _stem(n_voxels, width, input_dropout)
         self.backbone = _ResidualMLP(width, n_blocks, block_dropout)
         self.image_head = _TokenHead(width, image_tokens, dim, rank)

@@ -47,3 +47,35 @@ def test_save_and_load_round_trip(tmp_path, cls, kwargs):
         assert torch.equal(a, b)
     public = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}
     assert public(loaded.config) == public(model.config)
+
+
+@pytest.mark.parametrize(("rank", "expected"), [(4, 4), ("full", 32)])
+def test_rank_confines_every_tokens_image_dependent_part_to_one_subspace(rank, expected):
+    """Rank r: a head's tokens minus their offsets, over images and tokens, span r of the D
+    dimensions; ``"full"`` (a dense head) spans all D = 32 (float32 rank: singular values above
+    1e-4 of the largest)."""
+    torch.manual_seed(0)
+    model = SemanticExtractor(n_voxels=40, dim=32, width=64, n_blocks=1, rank=rank).eval()
+    with torch.no_grad():
+        image, text = model(torch.randn(3, 40))
+    for tokens, head in ((image, model.image_head), (text, model.text_head)):
+        singular = torch.linalg.svdvals((tokens - head.token_offset).flatten(0, 1).double())
+        assert int((singular > 1e-4 * singular[0]).sum()) == expected
+
+
+def test_full_rank_heads_are_dense_and_round_trip(tmp_path):
+    model = SemanticExtractor(n_voxels=20, dim=16, width=32, n_blocks=1, rank="full").eval()
+    heads = sum(p.numel() for name, p in model.named_parameters() if "head" in name)
+    assert heads == (32 + 1) * (257 + 77) * 16 + (257 + 77) * 16  # dense weights and biases, then the offsets
+    model.save_pretrained(tmp_path / "m")
+    loaded = SemanticExtractor.from_pretrained(tmp_path / "m").eval()
+    voxels = torch.randn(2, 20)
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(model(voxels), loaded(voxels)))
+    assert loaded.config.rank == "full"
+
+
+@pytest.mark.parametrize("rank", [0, -3, "half", 2.5, True])
+def test_bad_rank_is_refused(rank):
+    with pytest.raises(ValueError, match=r"rank must be a positive integer or \"full\""):
+        SemanticExtractor(n_voxels=10, dim=8, width=16, n_blocks=1, rank=rank)
