@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
@@ -169,7 +170,36 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
         return self.image_head(hidden), self.text_head(hidden)
 
 
+def variance_kept_by_rank(tokens: np.ndarray, ranks: list[int]) -> dict:
+    """What a rank-r token head can represent of ``tokens`` (n images, T tokens, D).
+
+    A head's image-dependent part lies in one shared r-dimensional subspace (its offsets take
+    each token's mean over the images), so the best it can keep of the across-image variance is
+    the share of the top r eigenvalues of the pooled covariance of the per-token-centred tokens
+    ((n x T, D), float64). Returns ``kept_by_rank`` {r: share}, ``rank_for_share`` {share: the
+    smallest r keeping it}, ``effective_rank`` (participation ratio of the eigenvalues) and
+    ``offset_share_of_second_moment`` (what the per-token means alone carry).
+    """
+    tokens = np.asarray(tokens, dtype=np.float64)
+    offsets = tokens.mean(0)
+    varying = (tokens - offsets).reshape(-1, tokens.shape[-1])
+    eigenvalues = np.sort(np.linalg.eigvalsh(varying.T @ varying / len(varying)))[::-1].clip(min=0)
+    total = eigenvalues.sum()
+    cumulative = np.cumsum(eigenvalues) / total
+    return {
+        "kept_by_rank": {str(r): float(cumulative[min(r, len(cumulative)) - 1]) for r in ranks},
+        "rank_for_share": {str(share): int(np.searchsorted(cumulative, share) + 1) for share in (0.5, 0.8, 0.9, 0.95, 0.99)},
+        "effective_rank": float(total**2 / (eigenvalues**2).sum()),
+        "offset_share_of_second_moment": float((offsets**2).sum() * len(tokens) / (tokens**2).sum()),
+        "dim": int(tokens.shape[-1]),
+        "tokens": int(tokens.shape[1]),
+    }
+
+
 #: Size presets: ``paper`` is the spec's default (MindEye1-sized), ``tiny`` runs in seconds on a CPU.
+#: Each semantic rank is the smallest power of two keeping at least 90% of both CLIP targets'
+#: across-image variance (bench/bench_semantic_rank.py, random-weight encoders, real shapes):
+#: full-random 64 keeps 99.3% (image) / 93.1% (text), 32 only 86% of text; tiny 8 keeps 98.0% / 92.9%.
 PRESETS: dict[str, dict[str, dict]] = {
     "paper": {
         "structural": {"width": 4096, "n_blocks": 4, "map_channels": 64, "groups": 8},

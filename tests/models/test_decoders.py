@@ -79,3 +79,24 @@ def test_full_rank_heads_are_dense_and_round_trip(tmp_path):
 def test_bad_rank_is_refused(rank):
     with pytest.raises(ValueError, match=r"rank must be a positive integer or \"full\""):
         SemanticExtractor(n_voxels=10, dim=8, width=16, n_blocks=1, rank=rank)
+
+
+def test_variance_kept_by_rank_equals_the_best_low_rank_fit():
+    """Against Eckart-Young in float64: 1 - (residual of the best rank-r approximation of the
+    per-token-centred tokens, by SVD) / their total variance; a rank-3 signal is kept whole by 3."""
+    import numpy as np
+
+    from havir.models.decoders import variance_kept_by_rank
+
+    rng = np.random.default_rng(0)
+    offsets = rng.normal(size=(5, 12))
+    signal = np.einsum("nr,rd->nd", rng.normal(size=(40 * 5, 3)), rng.normal(size=(3, 12))).reshape(40, 5, 12)
+    tokens = offsets + signal + 0.01 * rng.normal(size=(40, 5, 12))
+    result = variance_kept_by_rank(tokens, [1, 2, 3, 12])
+    centred = (tokens - tokens.mean(0)).reshape(-1, 12)
+    u, s, vt = np.linalg.svd(centred, full_matrices=False)
+    for r in (1, 2, 3):
+        best = (u[:, :r] * s[:r]) @ vt[:r]
+        assert abs(result["kept_by_rank"][str(r)] - (1 - ((centred - best) ** 2).sum() / (centred**2).sum())) < 1e-9
+    assert result["kept_by_rank"]["3"] > 0.999 and result["kept_by_rank"]["12"] == pytest.approx(1.0)
+    assert result["rank_for_share"]["0.99"] == 3
