@@ -13,6 +13,7 @@ import pytest
 import havir.prepare
 from havir.cli import main
 from havir.masks import build_masks, definition_for
+from havir.nsd.atlas import read_atlas
 from havir.nsd.layout import NSDLayout
 from havir.prepare import load_split, prepare_subject
 from tests.conftest import json_of
@@ -76,7 +77,20 @@ def _raw_masked_betas(root, subject, sessions, voxels):
     return np.concatenate(rows)
 
 
-@pytest.mark.parametrize("which", ["structural", "semantic"])
+def test_the_three_sets_are_every_nsdgeneral_voxel_once(prepared):
+    """structural, semantic and other: disjoint, and together exactly the nsdgeneral mask (the
+    ridge baseline's Brain-Diffuser input)."""
+    root, _, out, summaries = prepared
+    with h5py.File(out / "auto/subj01.h5") as h5:
+        voxels = [h5[f"voxels/{name}"][()].astype(int) for name in ("structural", "semantic", "other")]
+    every = np.concatenate(voxels)
+    nsdgeneral = np.argwhere(read_atlas(NSDLayout(root), 1, "nsdgeneral").labels == 1)
+    assert len(np.unique(every, axis=0)) == len(every) and len(voxels[2]) > 0
+    np.testing.assert_array_equal(np.unique(every, axis=0), np.unique(nsdgeneral, axis=0))
+    assert summaries[1, "auto"]["other_voxels"] == len(voxels[2])
+
+
+@pytest.mark.parametrize("which", ["structural", "semantic", "other"])
 def test_zscore_uses_training_trials_only(prepared, which):
     root, truth, out, _ = prepared
     path = out / "auto/subj01.h5"
