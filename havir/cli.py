@@ -8,7 +8,11 @@ stderr and exit status 2 here, in :func:`main`; ``--debug`` shows the traceback 
 from __future__ import annotations
 
 import json
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,8 +20,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from havir.errors import HavirError
+try:  # typer 0.2x carries its own click: its usage errors are this class, not the click package's
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover (older typer)
+    from click.exceptions import UsageError
+
+from havir.errors import HavirError, InvalidInputError
 from havir.progress import stderr_console
+from havir.validation import Interval, check_options
 
 app = typer.Typer(
     help="HAVIR: reconstruct seen images from fMRI (Natural Scenes Dataset).",
@@ -87,7 +97,7 @@ def synth_nsd(
     try:
         subject_list = tuple(int(s) for s in subjects.split(","))
     except ValueError:
-        raise ValueError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
+        raise InvalidInputError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
     with stderr_console.status("writing the synthetic NSD"):
         truth = synthesize_nsd(
             out, subject_list, images, seed, image_side=image_side, sessions=sessions, betas_format=betas_format
@@ -256,8 +266,7 @@ def eval_command(
     _refuse_launch("eval")
     from havir.metrics.evaluate import evaluate_folder
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    check_options({"batch_size": Interval(int, 1)}, batch_size=batch_size)
     evaluation = evaluate_folder(
         recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
         device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
@@ -289,8 +298,6 @@ def demo(
     _refuse_launch("demo")
     from havir.demo import run_demo
 
-    if images < 50:
-        raise ValueError(f"--images must be at least 50 (a tenth are the test images), got {images}")
     summary = run_demo(out, images=images, epochs=epochs, fused_steps=steps, seed=seed, device=device,
                        progress=not as_json or sys.stderr.isatty())
     if as_json:
@@ -303,19 +310,77 @@ def demo(
     stdout_console.print(f"finished in {summary['seconds']:.0f} s; open the report: {summary['report']}", markup=False, highlight=False)
 
 
+#: Libraries whose log records and warnings a command holds back (see :func:`_library_messages`).
+_LIBRARY_LOGGERS = ("transformers", "diffusers", "nibabel", "h5py", "accelerate", "huggingface_hub")
+
+
+@contextmanager
+def _library_messages() -> Iterator[list[str]]:
+    """Hold the libraries' log records and Python warnings raised while a command runs.
+
+    Yields a list the caller prints once the command has succeeded; after a user error it is
+    dropped, so the error stays the one line on stderr (``--debug`` prints everything). Only
+    these loggers, only for this call, are redirected: nothing is silenced for the process.
+    """
+    held: list[str] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(f"{record.levelname.lower()} ({record.name}): {record.getMessage()}")
+
+    saved = {}
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.propagate)
+        logger.handlers[:] = [Hold()]
+        logger.propagate = False
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # the process's filters still apply
+            try:
+                yield held
+            finally:
+                held.extend(f"warning ({w.category.__name__}): {w.message}" for w in caught)
+    finally:
+        for name, (handlers, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2.
 
-    Typer itself reports bad options and usage (exit status 2) and exits after a command.
+    Bad options and usage (typer's, e.g. ``--limit abc``) and the user errors the library
+    raises are each one line ``error: ...`` on stderr and exit status 2. Library log messages and
+    warnings are printed after a successful command, dropped after a user error.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    if debug:
+        status = app(args=args, prog_name="havir", standalone_mode=False)
+        sys.exit(status if isinstance(status, int) else 0)
     try:
-        app(args=args, prog_name="havir")
-    except _USER_ERRORS as err:
-        if debug:
-            raise
-        stderr_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        with _library_messages() as held:
+            status = app(args=args, prog_name="havir", standalone_mode=False)
+    except UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # `havir` or `havir masks` alone: the help is the answer
+            stderr_console.print(err.ctx.get_help(), markup=False, highlight=False)
+            sys.exit(2)
+        where = f"havir {err.ctx.command_path.removeprefix('havir').strip()}".strip() if err.ctx else "havir"
+        stderr_console.print(f"error: {_one_line(err.format_message())} (see `{where} --help`)",
+                             markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except typer.Abort:
+        sys.exit(1)
+    except _USER_ERRORS as err:
+        stderr_console.print(f"error: {_one_line(err)}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    for line in held:
+        stderr_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -94,13 +94,14 @@ def _selection(entry: object, where: str) -> RoiSelection:
     return RoiSelection(atlas=atlas, labels=tuple(labels))
 
 
-def _read_toml(path: Path) -> dict:
+def _read_toml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read ``path`` with its ``extends`` chain applied; ``chain`` holds the files that extend it."""
     if not path.is_file():
         raise FileNotFoundError(f"mask definition not found: {path}")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"mask definition {path} is not valid TOML: {err}") from err
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"mask definition {path} is not valid TOML ({err}): fix the file") from err
     unknown = set(data) - _KEYS
     if unknown:
         raise ValueError(
@@ -108,10 +109,14 @@ def _read_toml(path: Path) -> dict:
             f"allowed: {', '.join(sorted(_KEYS))}"
         )
     if "extends" in data:
+        if not isinstance(data["extends"], str):
+            raise ValueError(f"mask definition {path}: extends must be a file name, got {data['extends']!r}")
         parent_path = path.parent / data["extends"]
-        if parent_path.resolve() == path.resolve():
-            raise ValueError(f"mask definition {path} extends itself")
-        parent = _read_toml(parent_path)
+        chain = (*chain, path.resolve())
+        if parent_path.resolve() in chain:
+            cycle = " -> ".join(p.name for p in (*chain, parent_path.resolve()))
+            raise ValueError(f"mask definition {path} extends itself through {cycle}: remove one of these extends")
+        parent = _read_toml(parent_path, chain)
         parent.pop("subject", None)
         parent.pop("description", None)
         parent.update({k: v for k, v in data.items() if k != "extends"})

@@ -32,8 +32,8 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
-import h5py
 import numpy as np
 import PIL.Image
 import torch
@@ -43,10 +43,12 @@ from diffusers.image_processor import VaeImageProcessor
 import havir
 from havir.devices import resolve_device, resolve_dtype
 from havir.distributed import processes
+from havir.errors import InvalidInputError
 from havir.features import encode_clip_images, encode_clip_texts, features_path
 from havir.io import atomic_path, ensure_output_dir, write_json
 from havir.models.compat import set_text_share
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
+from havir.validation import Interval, OneOf, Rule, check_options, check_values, option_name, read_json, reading_hdf5
 
 MODES = ("fused", "structural", "semantic")
 #: Schedulers the sampler can use, each built from the model's own scheduler config.
@@ -70,13 +72,27 @@ class SamplerSettings:
     seed: int = 0
     scheduler: str = "ddim"  # ddim, pndm, dpmsolver or euler
 
+    #: Allowed values; named as ``havir reconstruct``'s options in messages.
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "steps": Interval(int, 1, 1000),  # Versatile Diffusion was trained on 1000 noise levels
+        "strength": Interval(float, 0, 1),
+        "guidance": Interval(float, 0),
+        "text_share": Interval(float, 0, 1),
+        "eta": Interval(float, 0, 1),
+        "seed": Interval(int, 0, 2**32 - 1),
+        "scheduler": OneOf(*SCHEDULERS),
+    }
+
     def __post_init__(self):
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        check_values(asdict(self), self.CONSTRAINTS, name=option_name)
+
+
+#: ``havir reconstruct``'s options besides the sampler's.
+RECONSTRUCT_OPTIONS: dict[str, Rule] = {
+    "mode": OneOf(*MODES),
+    "limit": Interval(int, 1, optional=True),
+    "batch_size": Interval(int, 1),
+}
 
 
 def unconditional_embeddings(vd: VersatileDiffusion) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,8 +212,7 @@ def reconstruct(
     Under ``accelerate launch``, each process runs every N-th batch.
     """
     settings = settings or SamplerSettings()
-    if mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size)
     launch = processes()
     out = ensure_output_dir(out)
     order = np.argsort(nsd_ids)[: limit if limit is not None else None]
@@ -234,12 +249,15 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
     """
     from havir.models.decoders import SemanticExtractor, StructuralGenerator
     from havir.models.ridge import RidgeDecoder
-    from havir.train import load_test_data
+    from havir.train import load_decoder, load_test_data
 
     record_path = Path(run) / "summary.json"
     if not record_path.is_file():
         raise FileNotFoundError(f"{run} holds no finished training run (no summary.json): run `havir train` first")
-    record = json.loads(record_path.read_text()) | json.loads((Path(run) / "run.json").read_text())
+    fix = "run `havir train` again into a new --out"
+    record = read_json(record_path, what="training summary", fix=fix) | read_json(
+        Path(run) / "run.json", what="run record", fix=fix, keys=("subject", "model", "data")
+    )
     test = load_test_data(Path(record["data"]), record["subject"])
     with torch.no_grad():
         if record["model"] == "ridge":
@@ -247,8 +265,8 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
             predicted = ridge.predict(np.concatenate([test.structural, test.semantic], axis=1))
             predictions = {name: torch.as_tensor(value) for name, value in predicted.items()}
         else:
-            structural = StructuralGenerator.from_pretrained(Path(run) / "structural").to(device).eval()
-            semantic = SemanticExtractor.from_pretrained(Path(run) / "semantic").to(device).eval()
+            structural = load_decoder(StructuralGenerator, Path(run) / "structural").to(device)
+            semantic = load_decoder(SemanticExtractor, Path(run) / "semantic").to(device)
             image_tokens, text_tokens = semantic(torch.as_tensor(test.semantic, device=device))
             predictions = {
                 "vae_latents": structural(torch.as_tensor(test.structural, device=device)).float().cpu(),
@@ -256,6 +274,18 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
                 "clip_text": text_tokens.float().cpu(),
             }
     return test.nsd_id, predictions, record
+
+
+def _features_settings(cache: Path) -> dict:
+    """What a features cache was computed with: ``{"model", "dtype", "seed"}``."""
+    fix = "run `havir features` again"
+    with reading_hdf5(cache, what="features cache", fix=fix) as h5:
+        settings = h5.attrs["settings"]
+    try:
+        settings = json.loads(settings)
+        return {key: settings[key] for key in ("model", "seed")}
+    except (ValueError, KeyError, TypeError) as err:
+        raise InvalidInputError(f"features cache {cache} has no valid settings record ({err}): {fix}") from err
 
 
 def reconstruct_run(
@@ -273,10 +303,10 @@ def reconstruct_run(
 
     The Versatile Diffusion used is the one the run's features came from (same weights seed).
     """
+    check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size)  # before any work
     torch_device = resolve_device(device)
     nsd_ids, predictions, record = predict_test_set(run, torch_device)
-    with h5py.File(features_path(Path(record["data"]), record["subject"]), "r") as h5:
-        features = json.loads(h5.attrs["settings"])
+    features = _features_settings(features_path(Path(record["data"]), record["subject"]))
     vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=resolve_dtype(dtype, torch_device), seed=features["seed"])
     return reconstruct(
         vd, predictions, nsd_ids, Path(out), mode=mode, settings=settings, batch_size=batch_size, limit=limit,

@@ -135,7 +135,7 @@ def test_other_schedulers_run(tiny, predictions, tmp_path, scheduler):
 
 def test_bad_strength(run_cli, tmp_path):
     status, _, stderr = run_cli("reconstruct", "--run", tmp_path, "--out", tmp_path / "recon", "--strength", 1.5)
-    assert status == 2 and "strength must be in [0, 1]" in stderr
+    assert status == 2 and "--strength must be a finite number in [0, 1], got 1.5" in stderr
 
 
 def test_structural_reconstructions_resemble_their_own_stimuli(trainable, tmp_path):

@@ -45,7 +45,11 @@ class Atlas:
 def read_ctab(path: Path) -> dict[str, int]:
     """Read a FreeSurfer colour table into ``{name: value}``, skipping value 0 (unknown)."""
     names: dict[str, int] = {}
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"colour table {path} is not text ({err.reason} at byte {err.start}): re-download it") from err
+    for line in text.splitlines():
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pandas as pd
 
+from havir.errors import InvalidInputError
 from havir.nsd.layout import require_file
 
 #: Images read from ``imgBrick`` per HDF5 call (425x425x3 uint8: about 0.5 MB each).
@@ -19,7 +20,10 @@ STIMULUS_BLOCK = 64
 def read_stim_info(path: Path) -> pd.DataFrame:
     """Read ``nsd_stim_info_merged.csv``, indexed by the 0-based ``nsdId``."""
     require_file(path, "NSD stimulus table", "download nsddata/experiments/nsd/ from the NSD release")
-    table = pd.read_csv(path)
+    try:
+        table = pd.read_csv(path)
+    except (ValueError, pd.errors.ParserError) as err:  # bad UTF-8, empty file, ragged rows
+        raise InvalidInputError(f"stimulus table {path} is not a readable CSV ({err}): re-download it from the NSD release") from err
     missing = {"nsdId", "cocoId", "cocoSplit"} - set(table.columns)
     if missing:
         raise ValueError(f"stimulus table {path} lacks the columns {', '.join(sorted(missing))}")
@@ -80,6 +84,12 @@ def read_captions(
     ``{nsdId: [caption, ...]}`` (COCO has five to seven captions per image).
     """
     ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
+    absent = np.setdiff1d(ids, stim_info.index.to_numpy())
+    if absent.size:
+        raise InvalidInputError(
+            f"the stimulus table lacks rows for {absent.size} images the subject saw (nsdId {absent[0]} first): "
+            "re-download nsd_stim_info_merged.csv from the NSD release"
+        )
     rows = stim_info.loc[ids]
     captions: dict[int, list[str]] = {}
     for split, group in rows.groupby("cocoSplit"):
@@ -90,11 +100,16 @@ def read_captions(
         )
         try:
             annotations = json.loads(path.read_text())["annotations"]
-        except (ValueError, KeyError) as err:
+        except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"COCO caption file {path} is not valid COCO JSON ({err})") from err
         by_coco: dict[int, list[str]] = {}
         for entry in annotations:
-            by_coco.setdefault(int(entry["image_id"]), []).append(entry["caption"].strip())
+            if not (isinstance(entry, dict) and isinstance(entry.get("caption"), str) and isinstance(entry.get("image_id"), int)):
+                raise InvalidInputError(
+                    f"COCO caption file {path} has an annotation without an integer image_id and a caption text "
+                    f"({str(entry)[:80]}): use COCO 2017's captions_{split}.json"
+                )
+            by_coco.setdefault(entry["image_id"], []).append(entry["caption"].strip())
         for nsd_id, coco_id in zip(group["nsdId"].tolist(), group["cocoId"].tolist()):
             if int(coco_id) not in by_coco:
                 raise ValueError(f"{path} has no caption for COCO image {coco_id} (nsdId {nsd_id})")
