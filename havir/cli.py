@@ -142,10 +142,11 @@ def masks_show(
     """Plot both masks on the subject's brain (nilearn) into a PNG."""
     from havir.io import ensure_output_dir
     from havir.masks import build_masks, definition_for, plot_masks
-    from havir.nsd.layout import NSDLayout
+    from havir.nsd.layout import NSDLayout, check_subject
 
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
+    check_subject(subject)  # before the output folder is made
     ensure_output_dir(out.parent)
     layout = NSDLayout(nsd_root)
     plot_masks(build_masks(layout, subject, definition_for(subject, definition)), layout, out)
@@ -314,8 +315,27 @@ def demo(
 _LIBRARY_LOGGERS = ("transformers", "diffusers", "nibabel", "h5py", "accelerate", "huggingface_hub")
 
 
+#: Commands that load models (and so import diffusers and transformers anyway).
+_MODEL_COMMANDS = ("features", "train", "reconstruct", "eval", "demo")
+
+
+def _set_up_library_loggers(command: str | None) -> None:
+    """Let the libraries add their own stderr handlers now, before :func:`_library_messages`
+    swaps them: nibabel does on import ("nibabel.global"), diffusers and transformers on first use."""
+    if command is None or command.startswith("-"):  # help or usage: nothing runs
+        return
+    import nibabel  # noqa: F401 (0.15 s)
+
+    if command in _MODEL_COMMANDS:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.get_logger("diffusers")
+        transformers_logging.get_logger("transformers")
+
+
 @contextmanager
-def _library_messages() -> Iterator[list[str]]:
+def _library_messages(command: str | None) -> Iterator[list[str]]:
     """Hold the libraries' log records and Python warnings raised while a command runs.
 
     Yields a list the caller prints once the command has succeeded; after a user error it is
@@ -323,17 +343,20 @@ def _library_messages() -> Iterator[list[str]]:
     these loggers, only for this call, are redirected: nothing is silenced for the process.
     """
     held: list[str] = []
+    _set_up_library_loggers(command)
 
     class Hold(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             held.append(f"{record.levelname.lower()} ({record.name}): {record.getMessage()}")
 
+    # The libraries' own loggers and their children (nibabel prints through "nibabel.global").
+    names = {name for name in logging.root.manager.loggerDict if name.split(".")[0] in _LIBRARY_LOGGERS}
     saved = {}
-    for name in _LIBRARY_LOGGERS:
+    for name in sorted(names | set(_LIBRARY_LOGGERS)):
         logger = logging.getLogger(name)
         saved[name] = (logger.handlers[:], logger.propagate)
-        logger.handlers[:] = [Hold()]
-        logger.propagate = False
+        logger.handlers[:] = [Hold()] if name in _LIBRARY_LOGGERS else []
+        logger.propagate = name not in _LIBRARY_LOGGERS  # children reach their library's Hold
     try:
         with warnings.catch_warnings(record=True) as caught:  # the process's filters still apply
             try:
@@ -366,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
         status = app(args=args, prog_name="havir", standalone_mode=False)
         sys.exit(status if isinstance(status, int) else 0)
     try:
-        with _library_messages() as held:
+        with _library_messages(next(iter(args), None)) as held:
             status = app(args=args, prog_name="havir", standalone_mode=False)
     except UsageError as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # `havir` or `havir masks` alone: the help is the answer

@@ -42,6 +42,7 @@ import h5py
 import numpy as np
 
 import havir
+from havir.errors import InvalidInputError
 from havir.io import ensure_output_dir, package_versions, write_json
 from havir.masks import build_masks, definition_for
 from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
@@ -92,7 +93,16 @@ def load_split(path: Path, split: str) -> PreparedSubject:
                 "run havir prepare again"
             )
         group = h5[split]
-        return PreparedSubject(**{name: group[name][()] for name in PreparedSubject.__dataclass_fields__})
+        loaded = PreparedSubject(**{name: group[name][()] for name in PreparedSubject.__dataclass_fields__})
+    rows = len(loaded.nsd_id)
+    for name in ("structural", "semantic"):
+        values = getattr(loaded, name)
+        if values.ndim != 2 or values.shape[0] != rows or values.dtype.kind != "f":
+            raise InvalidInputError(
+                f"prepared file {path}: {split}/{name} is {values.dtype} {values.shape}, expected float ({rows}, voxels) "
+                "for its trials: delete it and run `havir prepare` again"
+            )
+    return loaded
 
 
 def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_format: str) -> list[BetasFile]:

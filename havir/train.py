@@ -39,6 +39,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, reduce
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 
 from havir.devices import resolve_device
@@ -180,7 +181,14 @@ def _inputs(data: Path, subject: int) -> tuple[Path, Path, np.ndarray]:
                 f"{cache} holds features of subject {h5.attrs.get('subject')} (format {h5.attrs.get('format_version')}), "
                 f"not of subj{subject:02d} in format {FEATURES_FORMAT}: run `havir features` again"
             )
-        return prepared, cache, h5["nsd_id"][()]
+        nsd_id = h5["nsd_id"][()]
+        for name in TARGETS:
+            if h5[name].ndim < 3 or h5[name].shape[0] != len(nsd_id) or h5[name].dtype.kind != "f":
+                raise InvalidInputError(
+                    f"features cache {cache}: {name} is {h5[name].dtype} {h5[name].shape}, expected float rows for its "
+                    f"{len(nsd_id)} images: delete it and run `havir features` again"
+                )
+        return prepared, cache, nsd_id
 
 
 def _reading_features(cache: Path):
@@ -382,8 +390,12 @@ def load_decoder(cls: type[StructuralGenerator] | type[SemanticExtractor], folde
     """``cls.from_pretrained(folder)`` that works in any folder: safetensors' file loader takes
     only UTF-8 paths (a run folder named in Latin-1 could not reload its own model), so the
     weights are read here as bytes."""
-    model = cls.from_config(cls.load_config(folder))
-    model.load_state_dict(load((Path(folder) / SAFETENSORS_WEIGHTS_NAME).read_bytes()))
+    try:
+        model = cls.from_config(cls.load_config(folder))
+        model.load_state_dict(load((Path(folder) / SAFETENSORS_WEIGHTS_NAME).read_bytes()))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # missing, damaged or mismatched
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InvalidInputError(f"decoder in {folder} cannot be loaded ({reason}): run `havir train` again into a new --out") from err
     return model.eval()
 
 

@@ -9,14 +9,18 @@ after damaging a private copy of whatever the case needs.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -68,9 +72,10 @@ class Case:
     name: str
     make: Callable[[World], list]
     expect: tuple[str, ...] = ()  # fragments of the one error line; empty: the command must succeed
-    check: Callable[[World, dict], None] | None = None  # for a success: assertions on the JSON and files
+    check: Callable[..., None] | None = None  # for a success: check(world, json, [stderr]) asserts on the result
     no_output: str | None = None  # a folder (relative to scratch) that must not exist after the error
-    patch: Callable[[pytest.MonkeyPatch], None] | None = field(default=None, repr=False)
+    patch: Callable[[pytest.MonkeyPatch], Callable | None] | None = field(default=None, repr=False)  # may return an undo
+    fresh_process: bool = False  # run `python -m havir` in a new process: libraries' own stderr handlers included
 
 
 def reconstruct(*extra):
@@ -168,6 +173,22 @@ def drop_json_key(name: str, key: str):
     return damage
 
 
+def replace_dataset(name: str, values: np.ndarray):
+    def edit(h5):
+        del h5[name]
+        h5[name] = values
+
+    return edit
+
+
+def stimuli_as(convert: Callable[[np.ndarray], np.ndarray]):
+    def damage(layout: NSDLayout):
+        with h5py.File(layout.stimuli, "a") as h5:
+            replace_dataset("imgBrick", convert(h5["imgBrick"][()]))(h5)
+
+    return damage
+
+
 def captions_without_text(layout: NSDLayout):
     path = layout.annotations_dir / "captions_train2017.json"
     coco = json.loads(path.read_text())
@@ -213,6 +234,54 @@ def _fit_rows(data: Path) -> np.ndarray:
 def latin1_run_folder(w: World):
     out = w.scratch / os.fsdecode(b"run-\xe9t\xe9")  # not UTF-8: safetensors' file loader refused it
     return ["train", "--data", w.data, "--subject", 1, "--out", out, "--config", w.config(""), "--json"]
+
+
+def zero_pixdim(path: Path, grid_pad: int = 0):
+    """Rewrite a NIfTI with pixdim[1] = 0 (nibabel logs a fix-up on every load), its grid padded."""
+    image = nib.load(path)
+    data = np.pad(np.asanyarray(image.dataobj), ((0, grid_pad), (0, 0), (0, 0)), constant_values=-1)
+    fresh = nib.Nifti1Image(data, image.affine)
+    fresh.header["pixdim"][1] = 0
+    nib.save(fresh, path)
+
+
+def rois_logged_and_off_grid(layout: NSDLayout):
+    for atlas in ("nsdgeneral", "prf-visualrois", "streams", "floc-faces", "floc-bodies", "floc-places", "floc-words"):
+        zero_pixdim(layout.roi_file(1, atlas), grid_pad=1)
+
+
+def unexpected_decoder_key(run: Path):
+    config = json.loads((run / "structural" / "config.json").read_text())
+    (run / "structural" / "config.json").write_text(json.dumps(config | {"unexpected_setting": 1}))
+
+
+def logged_and_no_settings(w: World):
+    data = w.data_copy()
+    edit_h5("subj01_features.h5", lambda h5: h5.attrs.__delitem__("settings"))(data)
+    run = w.run_copy(data)
+    unexpected_decoder_key(run)
+    return ["reconstruct", "--run", run, "--out", w.scratch / "recon", "--steps", 2]
+
+
+def logged_success(w: World):
+    run = w.run_copy()
+    unexpected_decoder_key(run)
+    return ["reconstruct", "--run", run, "--out", w.scratch / "recon", "--mode", "structural", "--limit", 2, "--json"]
+
+
+def diffusers_warnings(monkeypatch):
+    """Let diffusers log warnings (loading a Versatile Diffusion earlier in this process turned
+    them off, as a fresh `havir` process has them on until it loads one)."""
+    from diffusers.utils import logging as diffusers_logging
+
+    previous = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_warning()
+    return lambda: diffusers_logging.set_verbosity(previous)
+
+
+def reconstructed_two(w: World, summary: dict, stderr: str):
+    assert summary["n_images"] == 2 and len(list((w.scratch / "recon").glob("*.png"))) == 2
+    assert "unexpected_setting" in stderr  # held during the command, printed after it succeeded
 
 
 def trained_ok(w: World, summary: dict):
@@ -285,7 +354,24 @@ CASES = [
          ("nsd_stim_info_merged.csv", "re-download"), no_output="out"),
     Case("ctab-not-utf8", damaged_nsd(lambda layout: _write(layout.ctab_file("streams"), b"1 early\xff 0 0 0 0\n")),
          ("streams.mgz.ctab", "re-download"), no_output="out"),
+    Case("stimuli-grey", damaged_nsd(stimuli_as(lambda brick: brick[..., 0])), ("nsd_stimuli.hdf5", "imgBrick", "(n, side, side, 3)"), no_output="out"),
+    Case("stimuli-float", damaged_nsd(stimuli_as(lambda brick: brick / 255.0)), ("nsd_stimuli.hdf5", "float64", "uint8"), no_output="out"),
+    Case("prepared-wrong-shape", damaged_data(edit_h5("subj01.h5", replace_dataset("train/semantic", np.zeros(7, np.float32))), "train"),
+         ("subj01.h5", "train/semantic", "float32 (7,)", "havir prepare"), no_output="out"),
+    Case("features-wrong-rows", damaged_data(edit_h5("subj01_features.h5", lambda h5: replace_dataset("clip_text", h5["clip_text"][:3])(h5)), "train"),
+         ("subj01_features.h5", "clip_text", "havir features"), no_output="out"),
     Case("latin1-run-folder", latin1_run_folder, check=latin1_run_ok),
+    Case("decoder-weights-garbage", damaged_run(overwrite("structural/diffusion_pytorch_model.safetensors", b"garbage")),
+         ("decoder in", "structural", "cannot be loaded", "havir train"), no_output="recon"),
+    Case("decoder-weights-other-shape", damaged_run(lambda run: shutil.copy(run / "semantic" / "diffusion_pytorch_model.safetensors",
+                                                                            run / "structural" / "diffusion_pytorch_model.safetensors")),
+         ("decoder in", "structural", "havir train"), no_output="recon"),
+    # Item 11: library log messages do not turn a user error into several lines.
+    Case("nibabel-log-then-error", damaged_nsd(rois_logged_and_off_grid), ("ROI grid", "does not match"), no_output="out",
+         fresh_process=True),
+    Case("diffusers-log-then-error", logged_and_no_settings, ("subj01_features.h5", "havir features"), no_output="recon",
+         patch=diffusers_warnings),
+    Case("diffusers-log-after-success", logged_success, check=reconstructed_two, patch=diffusers_warnings),
 ]
 
 
@@ -303,17 +389,47 @@ def shared(_small_nsd, trainable, tmp_path_factory):
     return _small_nsd[0], data, run
 
 
+def run_in_new_process(args: list) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``python -m havir ARGS`` in a new process, this checkout first."""
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "havir", *map(str, args)], capture_output=True, text=True, env=env, timeout=120)
+    return done.returncode, done.stdout, done.stderr
+
+
+@pytest.fixture
+def run_cli_fd(capfd):
+    """Like ``run_cli``, capturing the file descriptors: the libraries' own stderr handlers
+    (bound to the real stderr when they were set up) are seen too."""
+    from havir.cli import main
+
+    def run(*args):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in args])
+        captured = capfd.readouterr()
+        return exit_info.value.code, captured.out, captured.err
+
+    return run
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
-def test_case(case: Case, shared, run_cli, tmp_path, monkeypatch):
+def test_case(case: Case, shared, run_cli_fd, tmp_path, monkeypatch):
     world = World(*shared, scratch=tmp_path)
     args = case.make(world)
-    if case.patch:
-        case.patch(monkeypatch)
-    status, stdout, stderr = run_cli(*args)
+    if case.fresh_process:
+        status, stdout, stderr = run_in_new_process(args)
+    else:
+        undo = case.patch(monkeypatch) if case.patch else None
+        try:
+            status, stdout, stderr = run_cli_fd(*args)
+        finally:
+            if undo:
+                undo()
     assert "Traceback" not in stderr
     if not case.expect:
         assert status == 0, stderr
-        case.check(world, json_of(stdout))
+        wants_stderr = len(inspect.signature(case.check).parameters) == 3
+        case.check(world, json_of(stdout), *([stderr] if wants_stderr else []))
         return
     lines = stderr.strip().splitlines()
     assert status == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
@@ -350,3 +466,108 @@ def test_one_cycle_schedule_runs_every_length(total):
             reference_optimizer.step()
             reference.step()
         np.testing.assert_allclose(rates, expected, rtol=1e-12)
+
+
+# --- every numeric option of every command, generated from the command line itself -----------
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # the Python parameter
+    flag: str | None  # "--batch-size"; None for an argument
+    kind: type  # int, float, str, Path...
+    default: object  # inspect.Parameter.empty when required
+
+
+def _commands() -> dict[tuple[str, ...], list[Option]]:
+    """Every command's options, read from the typer functions' annotations."""
+    import inspect
+    import typing
+
+    import typer
+
+    from havir.cli import app
+
+    def options(function) -> list[Option]:
+        hints = typing.get_type_hints(function, include_extras=True)
+        found = []
+        for name, parameter in inspect.signature(function).parameters.items():
+            base, info = typing.get_args(hints[name])[:2]
+            kinds = [k for k in typing.get_args(base) if k is not type(None)] or [base]
+            flag = None  # an argument
+            if isinstance(info, typer.models.OptionInfo):
+                flag = info.param_decls[0] if info.param_decls else "--" + name.replace("_", "-")
+            found.append(Option(name, flag, kinds[0], parameter.default))
+        return found
+
+    def walk(typer_app, prefix):
+        for command in typer_app.registered_commands:
+            yield (*prefix, command.name or command.callback.__name__.replace("_", "-")), options(command.callback)
+        for group in typer_app.registered_groups:
+            yield from walk(group.typer_instance, (*prefix, group.name))
+
+    return dict(walk(app, ()))
+
+
+def _numeric_option_cases():
+    return [
+        pytest.param(path, option.flag, "-1" if option.kind is int else "nan", id=f"{'-'.join(path)}{option.flag}")
+        for path, options in _commands().items() for option in options if option.flag and option.kind in (int, float)
+    ]
+
+
+@pytest.mark.parametrize("command, flag, value", _numeric_option_cases())
+def test_every_numeric_option_is_checked_before_any_work(command, flag, value, run_cli, tmp_path):
+    """-1 (every integer option here must be positive) and NaN (no float option may be NaN),
+    with every path pointing nowhere: the one line must name the option, so it is checked
+    before any file is looked at, and nothing is created."""
+    import inspect
+
+    given = {"--nsd-root": tmp_path / "nsd", "--data": tmp_path / "data", "--run": tmp_path / "run",
+             "--recon": tmp_path / "recon", "--out": tmp_path / "out" / "x.png", "--subject": 1}
+    args = [*command]
+    for option in _commands()[command]:
+        if option.flag is None:
+            args.append(tmp_path / "out")
+        elif option.flag != flag and (option.default is inspect.Parameter.empty or option.flag == "--out"):
+            args += [option.flag, given[option.flag]]
+    status, stdout, stderr = run_cli(*args, flag, value)
+    lines = stderr.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert flag.lstrip("-") in lines[0] and value in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """The command line shows its defaults in --help, so it states them; they must be the
+    library's (a notebook and the command line run the same settings)."""
+    import inspect
+
+    from havir.demo import run_demo
+    from havir.features import compute_features
+    from havir.nsd.synth import synthesize_nsd
+    from havir.prepare import prepare_subject
+    from havir.reconstruct import SamplerSettings, reconstruct_run
+    from havir.train import train_subject
+
+    def defaults(function, rename=None):
+        rename = rename or {}
+        return {rename.get(k, k): p.default for k, p in inspect.signature(function).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+
+    library = {
+        ("synth-nsd",): defaults(synthesize_nsd),
+        ("prepare",): defaults(prepare_subject),
+        ("features",): defaults(compute_features, {"model": "vd"}),
+        ("train",): defaults(train_subject),
+        ("reconstruct",): defaults(reconstruct_run) | {f: getattr(SamplerSettings(), f) for f in SamplerSettings.__dataclass_fields__},
+        ("demo",): defaults(run_demo, {"fused_steps": "steps"}),
+    }
+    compared = 0
+    for path, known in library.items():
+        for option in _commands()[path]:
+            # --subjects is text the command line parses ("1,2" -> (1, 2)): not comparable
+            if option.name in known and option.default not in (None, inspect.Parameter.empty) and option.name != "subjects":
+                assert option.default == known[option.name], f"havir {' '.join(path)} {option.flag}"
+                compared += 1
+    assert compared >= 20

@@ -30,6 +30,17 @@ def read_stim_info(path: Path) -> pd.DataFrame:
     return table.set_index("nsdId", drop=False)
 
 
+def _checked_brick(h5: h5py.File, path: Path) -> h5py.Dataset:
+    """``imgBrick``, refused unless it is uint8 images (n, side, side, 3) as in the release."""
+    brick = h5["imgBrick"]
+    if brick.ndim != 4 or brick.shape[1] != brick.shape[2] or brick.shape[3] != 3 or brick.dtype != np.uint8:
+        raise InvalidInputError(
+            f"{path}: imgBrick is {brick.dtype} {brick.shape}, expected uint8 (n, side, side, 3) RGB images: "
+            "re-download nsd_stimuli.hdf5"
+        )
+    return brick
+
+
 def iter_stimuli(path: Path, nsd_ids: np.ndarray, block: int = STIMULUS_BLOCK) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(nsd_ids, images)`` blocks from ``imgBrick`` in ascending ``nsdId`` order.
 
@@ -48,7 +59,7 @@ def iter_stimuli(path: Path, nsd_ids: np.ndarray, block: int = STIMULUS_BLOCK) -
     ids = np.unique(np.asarray(nsd_ids, dtype=np.int64))
     try:
         with h5py.File(path, "r") as h5:
-            brick = h5["imgBrick"]
+            brick = _checked_brick(h5, path)
             if ids.size and ids[-1] >= brick.shape[0]:
                 raise ValueError(f"{path} holds {brick.shape[0]} images; image id {ids[-1]} asked for")
             for start in range(0, ids.size, block):
@@ -63,7 +74,7 @@ def stimulus_side(path: Path) -> int:
     require_file(path, "NSD stimuli", "download nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5 (37 GiB)")
     try:
         with h5py.File(path, "r") as h5:
-            return int(h5["imgBrick"].shape[1])
+            return int(_checked_brick(h5, path).shape[1])
     except (OSError, KeyError) as err:
         raise ValueError(f"cannot read stimuli from {path} ({err}); re-download nsd_stimuli.hdf5") from err
 
