@@ -39,6 +39,7 @@ import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from diffusers.image_processor import VaeImageProcessor
+from safetensors import SafetensorError
 
 import havir
 from havir.devices import resolve_device, resolve_dtype
@@ -261,7 +262,12 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
     test = load_test_data(Path(record["data"]), record["subject"])
     with torch.no_grad():
         if record["model"] == "ridge":
-            ridge = RidgeDecoder.from_pretrained(Path(run) / "ridge", device=str(device))
+            try:
+                ridge = RidgeDecoder.from_pretrained(Path(run) / "ridge", device=str(device))
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # missing, damaged or not JSON
+                raise InvalidInputError(
+                    f"ridge decoder in {Path(run) / 'ridge'} cannot be loaded ({type(err).__name__}: {err}): {fix}"
+                ) from err
             predicted = ridge.predict(np.concatenate([test.structural, test.semantic], axis=1))
             predictions = {name: torch.as_tensor(value) for name, value in predicted.items()}
         else:

@@ -38,6 +38,7 @@ class World:
     nsd: Path  # the small synthetic release (shared: copy before damaging)
     data: Path  # subject 1 prepared, with tiny features (shared)
     run: Path  # a finished one-epoch tiny run on ``data`` (shared)
+    ridge: Path  # a finished ridge run on ``data`` (shared)
     scratch: Path  # this case's own folder
 
     def copy(self, source: Path, name: str) -> Path:
@@ -53,9 +54,9 @@ class World:
                 shutil.copy(path, data / path.name)
         return data
 
-    def run_copy(self, data: Path | None = None) -> Path:
-        """A private copy of the trained run, pointing at ``data`` (default: the shared data)."""
-        run = self.copy(self.run, "run")
+    def run_copy(self, data: Path | None = None, source: Path | None = None) -> Path:
+        """A private copy of the trained run (or ``source``), pointing at ``data`` (default: the shared data)."""
+        run = self.copy(source or self.run, "run")
         if data is not None:
             record = json.loads((run / "run.json").read_text())
             (run / "run.json").write_text(json.dumps(record | {"data": str(data)}))
@@ -121,9 +122,9 @@ def damaged_data(damage: Callable[[Path], None], command: str):
     return make
 
 
-def damaged_run(damage: Callable[[Path], None]):
+def damaged_run(damage: Callable[[Path], None], ridge: bool = False):
     def make(w: World):
-        run = w.run_copy()
+        run = w.run_copy(source=w.ridge if ridge else None)
         damage(run)
         return ["reconstruct", "--run", run, "--out", w.scratch / "recon", "--steps", 2]
 
@@ -366,6 +367,12 @@ CASES = [
     Case("decoder-weights-other-shape", damaged_run(lambda run: shutil.copy(run / "semantic" / "diffusion_pytorch_model.safetensors",
                                                                             run / "structural" / "diffusion_pytorch_model.safetensors")),
          ("decoder in", "structural", "havir train"), no_output="recon"),
+    Case("ridge-weights-garbage", damaged_run(overwrite("ridge/model.safetensors", b"garbage"), ridge=True),
+         ("ridge decoder in", "cannot be loaded", "havir train"), no_output="recon"),
+    Case("ridge-config-not-json", damaged_run(overwrite("ridge/config.json", b"{"), ridge=True),
+         ("ridge decoder in", "JSONDecodeError", "havir train"), no_output="recon"),
+    Case("ctab-truncated", damaged_nsd(lambda layout: _write(layout.ctab_file("streams"), b"0 Unknown 0 0 0 0\n1 early 1 1 1 0\n")),
+         ("no label 'ventral'", "streams.mgz.ctab", "re-download"), no_output="out"),
     # Item 11: library log messages do not turn a user error into several lines.
     Case("nibabel-log-then-error", damaged_nsd(rois_logged_and_off_grid), ("ROI grid", "does not match"), no_output="out",
          fresh_process=True),
@@ -386,7 +393,8 @@ def shared(_small_nsd, trainable, tmp_path_factory):
     data, _ = trainable
     run = tmp_path_factory.mktemp("fuzz") / "run"
     train_subject(data, 1, run, config=TINY_RUN, device="cpu", progress=False)
-    return _small_nsd[0], data, run
+    train_subject(data, 1, run.with_name("ridge"), model="ridge", config=TINY_RUN, device="cpu", progress=False)
+    return _small_nsd[0], data, run, run.with_name("ridge")
 
 
 def run_in_new_process(args: list) -> tuple[int, str, str]:
