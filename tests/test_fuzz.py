@@ -190,6 +190,14 @@ def stimuli_as(convert: Callable[[np.ndarray], np.ndarray]):
     return damage
 
 
+def drop_first_image_captions(h5):
+    ids, texts = h5["captions/nsd_id"][()], h5["captions/text"][()]
+    keep = ids != ids[0]
+    replace_dataset("captions/nsd_id", ids[keep])(h5)
+    del h5["captions/text"]
+    h5.create_dataset("captions/text", data=texts[keep], dtype=h5py.string_dtype())
+
+
 def captions_without_text(layout: NSDLayout):
     path = layout.annotations_dir / "captions_train2017.json"
     coco = json.loads(path.read_text())
@@ -326,6 +334,8 @@ CASES = [
     Case("config-batch-size-zero", train_config("batch_size = 0\n"), ("batch_size", ">= 1", "config.toml"), no_output="out"),
     Case("mask-extends-cycle", extends_cycle, ("extends itself", "a.toml -> b.toml -> a.toml"), no_output="out"),
     Case("captions-without-text", damaged_nsd(captions_without_text), ("captions_train2017.json", "caption text"), no_output="out"),
+    Case("prepared-image-without-caption", damaged_data(edit_h5("subj01.h5", drop_first_image_captions), "features"),
+         ("subj01.h5", "no caption for 1 images", "havir prepare")),
     Case("stimulus-table-missing-rows", damaged_nsd(stimulus_table_missing_rows), ("stimulus table lacks rows", "re-download"), no_output="out"),
     Case("prepared-file-missing-captions", damaged_data(edit_h5("subj01.h5", lambda h5: h5.__delitem__("captions")), "features"),
          ("prepared file", "subj01.h5", "run `havir prepare` again")),
