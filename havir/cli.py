@@ -251,6 +251,10 @@ def _refuse_launch(command: str) -> None:
         raise ValueError(f"havir {command} runs in one process: run it without accelerate launch")
 
 
+#: ``havir eval``'s numeric option checked here (the evaluation checks its folders itself).
+_EVAL_OPTIONS = {"batch_size": Interval(int, 1)}
+
+
 @app.command("eval")
 def eval_command(
     recon: Annotated[Path, typer.Option("--recon", help="Folder of <nsdId>.png reconstructions (any method).")],
@@ -267,7 +271,7 @@ def eval_command(
     _refuse_launch("eval")
     from havir.metrics.evaluate import evaluate_folder
 
-    check_options({"batch_size": Interval(int, 1)}, batch_size=batch_size)
+    check_options(_EVAL_OPTIONS, batch_size=batch_size)
     evaluation = evaluate_folder(
         recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
         device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),

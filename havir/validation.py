@@ -9,6 +9,9 @@ and :func:`check_values` raises one :class:`~havir.errors.InvalidInputError` nam
 value that breaks its rule, what was expected, what arrived and where to fix it. Numbers are
 refused when NaN or infinite (``float("nan")`` passes every comparison-based range check, which
 is how ``--guidance nan`` once wrote black images), and booleans are not integers here.
+
+The readers :func:`read_json` and :func:`reading_hdf5` do the same for files HAVIR wrote: a
+missing, damaged, non-UTF-8 or incomplete file is one line naming it and the command to rerun.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Interval:
-    """A finite number of ``kind`` (``int`` or ``float``) between ``low`` and ``high``.
+    """A finite number of ``kind`` (``int``; or ``float``, which takes whole numbers too, as
+    TOML's ``learning_rate = 1`` is one) between ``low`` and ``high``.
 
     Either bound may be ``None`` (unbounded); ``closed`` says which bounds are allowed values:
     ``"both"``, ``"left"``, ``"right"`` or ``"neither"``. ``optional`` also allows ``None``
