@@ -269,9 +269,11 @@ def eval_command(
 ) -> None:
     """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
     _refuse_launch("eval")
+    from havir.devices import resolve_device
     from havir.metrics.evaluate import evaluate_folder
 
     check_options(_EVAL_OPTIONS, batch_size=batch_size)
+    resolve_device(device)  # a bad --device is refused before any image is read
     evaluation = evaluate_folder(
         recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
         device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),

@@ -167,10 +167,10 @@ def compute_features(
     started = time.perf_counter()
     check_subject(subject)
     check_options(FEATURES_OPTIONS, batch_size=batch_size, seed=seed)
-    nsd_ids, captions, default_stimuli = _read_prepared(data, subject)
-    stimuli = Path(stimuli) if stimuli is not None else default_stimuli
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    nsd_ids, captions, default_stimuli = _read_prepared(data, subject)
+    stimuli = Path(stimuli) if stimuli is not None else default_stimuli
     settings = FeatureSettings(model=str(model), dtype=str(torch_dtype).removeprefix("torch."), seed=seed)
     final = features_path(data, subject)
     partial = final.with_name(final.name + ".partial")

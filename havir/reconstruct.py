@@ -311,9 +311,10 @@ def reconstruct_run(
     """
     check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size)  # before any work
     torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     nsd_ids, predictions, record = predict_test_set(run, torch_device)
     features = _features_settings(features_path(Path(record["data"]), record["subject"]))
-    vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=resolve_dtype(dtype, torch_device), seed=features["seed"])
+    vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=torch_dtype, seed=features["seed"])
     return reconstruct(
         vd, predictions, nsd_ids, Path(out), mode=mode, settings=settings, batch_size=batch_size, limit=limit,
         provenance={"run": str(Path(run).resolve()), "subject": record["subject"], "model": record["model"]},

@@ -556,6 +556,22 @@ def test_every_numeric_option_is_checked_before_any_work(command, flag, value, r
     assert not (tmp_path / "out").exists()
 
 
+#: Options that take one of a few words; "bogus" is none of them.
+CHOICE_OPTIONS = ("--device", "--dtype", "--mode", "--scheduler", "--model", "--betas-format")
+
+
+def _choice_option_cases():
+    return [
+        pytest.param(path, option.flag, id=f"{'-'.join(path)}{option.flag}")
+        for path, options in _commands().items() for option in options if option.flag in CHOICE_OPTIONS
+    ]
+
+
+@pytest.mark.parametrize("command, flag", _choice_option_cases())
+def test_every_choice_option_is_checked_before_any_work(command, flag, run_cli, tmp_path):
+    test_every_numeric_option_is_checked_before_any_work(command, flag, "bogus", run_cli, tmp_path)
+
+
 def test_cli_defaults_are_the_library_defaults():
     """The command line shows its defaults in --help, so it states them; they must be the
     library's (a notebook and the command line run the same settings)."""
