@@ -7,12 +7,12 @@ stderr and exit status 2 here, in :func:`main`; ``--debug`` shows the traceback 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -340,15 +340,16 @@ def _set_up_library_loggers(command: str | None) -> None:
         transformers_logging.get_logger("transformers")
 
 
-@contextmanager
-def _library_messages(command: str | None) -> Iterator[list[str]]:
-    """Hold the libraries' log records and Python warnings raised while a command runs.
+@contextlib.contextmanager
+def _library_messages(command: str | None, held: list[str]) -> Iterator[None]:
+    """Hold the libraries' log records and Python warnings raised while ``command`` runs, as
+    lines appended to ``held``.
 
-    Yields a list the caller prints once the command has succeeded; after a user error it is
-    dropped, so the error stays the one line on stderr (``--debug`` prints everything). Only
-    these loggers, only for this call, are redirected: nothing is silenced for the process.
+    The caller prints them once the command has succeeded (or failed with a bug); after a user
+    error they are dropped, so the error stays the one line on stderr (``--debug`` holds
+    nothing). Only these loggers, only for this call, are redirected: nothing is silenced for
+    the process.
     """
-    held: list[str] = []
     _set_up_library_loggers(command)
 
     class Hold(logging.Handler):
@@ -366,7 +367,7 @@ def _library_messages(command: str | None) -> Iterator[list[str]]:
     try:
         with warnings.catch_warnings(record=True) as caught:  # the process's filters still apply
             try:
-                yield held
+                yield
             finally:
                 held.extend(f"warning ({w.category.__name__}): {w.message}" for w in caught)
     finally:
@@ -391,11 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
-    if debug:
-        status = app(args=args, prog_name="havir", standalone_mode=False)
-        sys.exit(status if isinstance(status, int) else 0)
+    held: list[str] = []
     try:
-        with _library_messages(next(iter(args), None)) as held:
+        with contextlib.nullcontext() if debug else _library_messages(next(iter(args), None), held):
             status = app(args=args, prog_name="havir", standalone_mode=False)
     except UsageError as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # `havir` or `havir masks` alone: the help is the answer
@@ -408,8 +407,17 @@ def main(argv: list[str] | None = None) -> None:
     except typer.Abort:
         sys.exit(1)
     except _USER_ERRORS as err:
+        if debug:
+            raise
         stderr_console.print(f"error: {_one_line(err)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    for line in held:
-        stderr_console.print(line, markup=False, highlight=False, soft_wrap=True)
+    except BaseException:  # a bug (or Ctrl-C): what the libraries said may explain it
+        _print_lines(held)
+        raise
+    _print_lines(held)
     sys.exit(status if isinstance(status, int) else 0)
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        stderr_console.print(line, markup=False, highlight=False, soft_wrap=True)

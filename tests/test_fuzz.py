@@ -605,3 +605,35 @@ def test_cli_defaults_are_the_library_defaults():
                 assert option.default == known[option.name], f"havir {' '.join(path)} {option.flag}"
                 compared += 1
     assert compared >= 20
+
+
+def test_library_messages_are_printed_after_success_and_before_a_bug(monkeypatch, capsys):
+    """Held, not lost: a library's log line comes out once the command is over, unless the
+    command ended with a user error (then the one error line is all)."""
+    import logging
+
+    import havir.cli
+    from havir.cli import main
+    from havir.errors import InvalidInputError
+
+    outcome = {}
+
+    def fake_synthesize(out, *args, **kwargs):
+        logging.getLogger("nibabel.global").warning("a note from nibabel")
+        if outcome.get("raise"):
+            raise outcome["raise"]
+        return type("Truth", (), {"to_json": lambda self: {}})()
+
+    monkeypatch.setattr("havir.nsd.synth.synthesize_nsd", fake_synthesize)
+    for raised, status in ((None, 0), (InvalidInputError("bad input"), 2)):
+        outcome["raise"] = raised
+        with pytest.raises(SystemExit) as exit_info:
+            main(["synth-nsd", "somewhere", "--json"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == status
+        assert ("a note from nibabel" in err) == (status == 0) and ("error: bad input" in err) == (status == 2)
+    outcome["raise"] = RuntimeError("a bug")
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["synth-nsd", "somewhere", "--json"])
+    assert "a note from nibabel" in capsys.readouterr().err
+    assert havir.cli.logging.getLogger("nibabel.global").handlers  # its own handler is back
