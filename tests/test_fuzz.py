@@ -216,6 +216,14 @@ def extends_cycle(w: World):
     return prepare("--definition", w.scratch / "a.toml")(w)
 
 
+def mask_definition(text: str):
+    def make(w: World):
+        (w.scratch / "m.toml").write_text(text)
+        return prepare("--definition", w.scratch / "m.toml")(w)
+
+    return make
+
+
 def mask_definition_not_utf8(w: World):
     text = (definitions_dir() / "subj01.toml").read_bytes()
     (w.scratch / "masks.toml").write_bytes(b'description = "caf\xe9"\n' + text.replace(b"description", b"#", 1))
@@ -360,6 +368,8 @@ CASES = [
     Case("run-record-not-utf8", damaged_run(overwrite("run.json", b'{"subject": "\xfe"}')), ("run.json", "not UTF-8", "havir train"), no_output="recon"),
     Case("run-summary-a-list", damaged_run(overwrite("summary.json", b"[1, 2]")), ("summary.json", "not an object", "havir train"), no_output="recon"),
     Case("config-not-utf8", lambda w: train("--config", _write(w.scratch / "c.toml", b"epochs = 1 # \xff\n"))(w), ("c.toml", "not valid TOML"), no_output="out"),
+    Case("mask-extends-nothing", mask_definition('extends = "gone.toml"\n'), ("m.toml extends", "gone.toml", "fix its extends"), no_output="out"),
+    Case("mask-subject-text", mask_definition(f'extends = "{definitions_dir() / "default.toml"}"\nsubject = "one"\n'), ("m.toml", "subject must be one of 1..8", "'one'"), no_output="out"),
     Case("mask-definition-not-utf8", mask_definition_not_utf8, ("masks.toml", "not valid TOML"), no_output="out"),
     Case("stimulus-table-not-utf8", damaged_nsd(lambda layout: layout.stim_info.write_bytes(b"nsdId,cocoId\n\xff\xfe,1\n")),
          ("nsd_stim_info_merged.csv", "re-download"), no_output="out"),
