@@ -7,8 +7,12 @@ stderr and exit status 2 here, in :func:`main`; ``--debug`` shows the traceback 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -16,8 +20,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from havir.errors import HavirError
+try:  # typer 0.2x carries its own click: its usage errors are this class, not the click package's
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover (older typer)
+    from click.exceptions import UsageError
+
+from havir.errors import HavirError, InvalidInputError
 from havir.progress import stderr_console
+from havir.validation import Interval, check_options
 
 app = typer.Typer(
     help="HAVIR: reconstruct seen images from fMRI (Natural Scenes Dataset).",
@@ -87,7 +97,7 @@ def synth_nsd(
     try:
         subject_list = tuple(int(s) for s in subjects.split(","))
     except ValueError:
-        raise ValueError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
+        raise InvalidInputError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
     with stderr_console.status("writing the synthetic NSD"):
         truth = synthesize_nsd(
             out, subject_list, images, seed, image_side=image_side, sessions=sessions, betas_format=betas_format
@@ -132,10 +142,11 @@ def masks_show(
     """Plot both masks on the subject's brain (nilearn) into a PNG."""
     from havir.io import ensure_output_dir
     from havir.masks import build_masks, definition_for, plot_masks
-    from havir.nsd.layout import NSDLayout
+    from havir.nsd.layout import NSDLayout, check_subject
 
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out must name a .png file, got {out}")
+    check_subject(subject)  # before the output folder is made
     ensure_output_dir(out.parent)
     layout = NSDLayout(nsd_root)
     plot_masks(build_masks(layout, subject, definition_for(subject, definition)), layout, out)
@@ -242,6 +253,10 @@ def _refuse_launch(command: str) -> None:
         raise ValueError(f"havir {command} runs in one process: run it without accelerate launch")
 
 
+#: ``havir eval``'s numeric option checked here (the evaluation checks its folders itself).
+_EVAL_OPTIONS = {"batch_size": Interval(int, 1)}
+
+
 @app.command("eval")
 def eval_command(
     recon: Annotated[Path, typer.Option("--recon", help="Folder of <nsdId>.png reconstructions (any method).")],
@@ -256,10 +271,11 @@ def eval_command(
 ) -> None:
     """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
     _refuse_launch("eval")
+    from havir.devices import resolve_device
     from havir.metrics.evaluate import evaluate_folder
 
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
+    check_options(_EVAL_OPTIONS, batch_size=batch_size)
+    resolve_device(device)  # a bad --device is refused before any image is read
     evaluation = evaluate_folder(
         recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
         device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
@@ -291,8 +307,6 @@ def demo(
     _refuse_launch("demo")
     from havir.demo import run_demo
 
-    if images < 50:
-        raise ValueError(f"--images must be at least 50 (a tenth are the test images), got {images}")
     summary = run_demo(out, images=images, epochs=epochs, fused_steps=steps, seed=seed, device=device,
                        progress=not as_json or sys.stderr.isatty())
     if as_json:
@@ -305,19 +319,107 @@ def demo(
     stdout_console.print(f"finished in {summary['seconds']:.0f} s; open the report: {summary['report']}", markup=False, highlight=False)
 
 
+#: Libraries whose log records and warnings a command holds back (see :func:`_library_messages`).
+_LIBRARY_LOGGERS = ("transformers", "diffusers", "nibabel", "h5py", "accelerate", "huggingface_hub")
+
+
+#: Commands that load models (and so import diffusers and transformers anyway).
+_MODEL_COMMANDS = ("features", "train", "reconstruct", "eval", "demo")
+
+
+def _set_up_library_loggers(command: str | None) -> None:
+    """Let the libraries add their own stderr handlers now, before :func:`_library_messages`
+    swaps them: nibabel does on import ("nibabel.global"), diffusers and transformers on first use."""
+    if command is None or command.startswith("-"):  # help or usage: nothing runs
+        return
+    import nibabel  # noqa: F401 (0.15 s)
+
+    if command in _MODEL_COMMANDS:
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        diffusers_logging.get_logger("diffusers")
+        transformers_logging.get_logger("transformers")
+
+
+@contextlib.contextmanager
+def _library_messages(command: str | None, held: list[str]) -> Iterator[None]:
+    """Hold the libraries' log records and Python warnings raised while ``command`` runs, as
+    lines appended to ``held``.
+
+    The caller prints them once the command has succeeded (or failed with a bug); after a user
+    error they are dropped, so the error stays the one line on stderr (``--debug`` holds
+    nothing). Only these loggers, only for this call, are redirected: nothing is silenced for
+    the process.
+    """
+    _set_up_library_loggers(command)
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            held.append(f"{record.levelname.lower()} ({record.name}): {record.getMessage()}")
+
+    # The libraries' own loggers and their children (nibabel prints through "nibabel.global").
+    names = {name for name in logging.root.manager.loggerDict if name.split(".")[0] in _LIBRARY_LOGGERS}
+    saved = {}
+    for name in sorted(names | set(_LIBRARY_LOGGERS)):
+        logger = logging.getLogger(name)
+        saved[name] = (logger.handlers[:], logger.propagate)
+        logger.handlers[:] = [Hold()] if name in _LIBRARY_LOGGERS else []
+        logger.propagate = name not in _LIBRARY_LOGGERS  # children reach their library's Hold
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # the process's filters still apply
+            try:
+                yield
+            finally:
+                held.extend(f"warning ({w.category.__name__}): {w.message}" for w in caught)
+    finally:
+        for name, (handlers, propagate) in saved.items():
+            logger = logging.getLogger(name)
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2.
 
-    Typer itself reports bad options and usage (exit status 2) and exits after a command.
+    Bad options and usage (typer's, e.g. ``--limit abc``) and the user errors the library
+    raises are each one line ``error: ...`` on stderr and exit status 2. Library log messages and
+    warnings are printed after a successful command, dropped after a user error.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
+    held: list[str] = []
     try:
-        app(args=args, prog_name="havir")
+        with contextlib.nullcontext() if debug else _library_messages(next(iter(args), None), held):
+            status = app(args=args, prog_name="havir", standalone_mode=False)
+    except UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # `havir` or `havir masks` alone: the help is the answer
+            stderr_console.print(err.ctx.get_help(), markup=False, highlight=False)
+            sys.exit(2)
+        where = f"havir {err.ctx.command_path.removeprefix('havir').strip()}".strip() if err.ctx else "havir"
+        stderr_console.print(f"error: {_one_line(err.format_message())} (see `{where} --help`)",
+                             markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        sys.exit(1)
     except _USER_ERRORS as err:
         if debug:
             raise
-        stderr_console.print(f"error: {err}", markup=False, highlight=False, soft_wrap=True)
+        stderr_console.print(f"error: {_one_line(err)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except BaseException:  # a bug (or Ctrl-C): what the libraries said may explain it
+        _print_lines(held)
+        raise
+    _print_lines(held)
+    sys.exit(status if isinstance(status, int) else 0)
+
+
+def _print_lines(lines: list[str]) -> None:
+    for line in lines:
+        stderr_console.print(line, markup=False, highlight=False, soft_wrap=True)

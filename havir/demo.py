@@ -13,6 +13,9 @@ from pathlib import Path
 
 from havir.io import ensure_output_dir, write_json
 from havir.progress import stderr_console
+from havir.reconstruct import SamplerSettings
+from havir.train import TrainConfig
+from havir.validation import Interval, Rule, check_options
 
 MODES = ("structural", "fused", "semantic")
 
@@ -33,6 +36,15 @@ DEMO_NOTES = (
 )
 
 
+#: ``havir demo``'s options, with the training and sampler settings' own rules.
+DEMO_OPTIONS: dict[str, Rule] = {
+    "images": Interval(int, 50, 10_000),  # a tenth (at least 5) are the test images
+    "epochs": TrainConfig.CONSTRAINTS["epochs"],
+    "steps": SamplerSettings.CONSTRAINTS["steps"],
+    "seed": TrainConfig.CONSTRAINTS["seed"],
+}
+
+
 def run_demo(
     out: Path,
     *,
@@ -49,15 +61,21 @@ def run_demo(
     ``epochs`` : training epochs of the tiny decoders; ``fused_steps`` : DDIM steps of the full
     schedule for the fused and semantic modes (strength 0.75 runs three quarters of them).
     """
+    from havir.devices import resolve_device
     from havir.features import compute_features
     from havir.masks import build_masks, definition_for, plot_masks, save_masks
     from havir.metrics.evaluate import evaluate_folder, load_networks
     from havir.nsd.layout import NSDLayout
     from havir.nsd.synth import synthesize_nsd
     from havir.prepare import prepare_subject
-    from havir.reconstruct import SamplerSettings, reconstruct_run
-    from havir.train import TrainConfig, train_subject
+    from havir.reconstruct import reconstruct_run
+    from havir.train import train_subject
 
+    # Every setting is checked before the first stage writes anything.
+    check_options(DEMO_OPTIONS, images=images, epochs=epochs, steps=fused_steps, seed=seed)
+    config = TrainConfig(preset="tiny", epochs=epochs, batch_size=32, learning_rate=1e-3, seed=seed)
+    settings = SamplerSettings(steps=fused_steps, seed=seed)
+    resolve_device(device)
     out = ensure_output_dir(Path(out))
     nsd, data, run, recon = out / "nsd", out / "data", out / "run", out / "recon"
     stages = 6 + 2 * len(MODES)
@@ -79,9 +97,7 @@ def run_demo(
     stage("computing VAE latents and CLIP embeddings (demo Versatile Diffusion)")
     compute_features(data, 1, model="demo", device=device, seed=seed, progress=progress)
     stage("training the Structural Generator and the Semantic Extractor")
-    config = TrainConfig(preset="tiny", epochs=epochs, batch_size=32, learning_rate=1e-3, seed=seed)
     trained = train_subject(data, 1, run, config=config, device=device, progress=progress)
-    settings = SamplerSettings(steps=fused_steps, seed=seed)
     for mode in MODES:
         stage(f"reconstructing the test images ({mode})")
         reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device)

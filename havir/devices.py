@@ -8,6 +8,7 @@ import time
 import torch
 
 from havir.distributed import processes
+from havir.errors import InvalidInputError
 from havir.io import package_versions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,9 +29,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
-        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
+        raise InvalidInputError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
+    if device.type not in ("cpu", "cuda"):
+        raise InvalidInputError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0:
+            raise InvalidInputError(f"--device {name}: this machine has no usable CUDA GPU (torch sees none): pass --device cpu or auto")
+        if device.index is not None and device.index >= visible:
+            raise InvalidInputError(f"--device {name}: only {visible} CUDA GPUs are visible (cuda:0..cuda:{visible - 1}): pass one of those")
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -38,7 +48,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if name not in DTYPES:
-        raise ValueError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
+        raise InvalidInputError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
 
 

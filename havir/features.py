@@ -34,12 +34,15 @@ from diffusers.image_processor import VaeImageProcessor
 
 from havir.devices import resolve_device, resolve_dtype
 from havir.distributed import processes
+from havir.errors import InvalidInputError
 from havir.io import atomic_path
 from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.layout import check_subject
 from havir.nsd.stimuli import iter_stimuli
 from havir.prepare import FORMAT_VERSION as PREPARED_FORMAT
+from havir.prepare import reading_prepared
 from havir.progress import track
+from havir.validation import Interval, Rule, check_options, read_json, reading_hdf5
 
 FEATURES_FORMAT = 1
 
@@ -94,6 +97,10 @@ class FeatureSettings:
     seed: int
 
 
+#: ``havir features``' numeric options.
+FEATURES_OPTIONS: dict[str, Rule] = {"batch_size": Interval(int, 1), "seed": Interval(int, 0, 2**32 - 1)}
+
+
 def features_path(data: Path, subject: int) -> Path:
     return Path(data) / f"subj{subject:02d}_features.h5"
 
@@ -104,8 +111,8 @@ def _read_prepared(data: Path, subject: int) -> tuple[np.ndarray, dict[int, list
     meta_path = Path(data) / f"subj{subject:02d}.json"
     if not prepared.is_file() or not meta_path.is_file():
         raise FileNotFoundError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
-    meta = json.loads(meta_path.read_text())
-    with h5py.File(prepared, "r") as h5:
+    meta = read_json(meta_path, what="prepared subject's record", fix="run `havir prepare` again", keys=("nsd_root",))
+    with reading_prepared(prepared) as h5:
         if h5.attrs.get("format_version") != PREPARED_FORMAT:
             raise ValueError(
                 f"{prepared} was written by another HAVIR version (format {h5.attrs.get('format_version')}, "
@@ -117,6 +124,12 @@ def _read_prepared(data: Path, subject: int) -> tuple[np.ndarray, dict[int, list
     captions: dict[int, list[str]] = {}
     for image, text in zip(caption_ids.tolist(), texts):
         captions.setdefault(image, []).append(text)
+    uncaptioned = np.setdiff1d(nsd_ids, caption_ids)
+    if uncaptioned.size:
+        raise InvalidInputError(
+            f"prepared file {prepared} has no caption for {uncaptioned.size} images (nsdId {uncaptioned[0]} first): "
+            "run `havir prepare` again with complete COCO captions"
+        )
     stimuli = Path(meta["nsd_root"]) / "nsddata_stimuli/stimuli/nsd/nsd_stimuli.hdf5"
     return nsd_ids, captions, stimuli
 
@@ -153,17 +166,16 @@ def compute_features(
     """
     started = time.perf_counter()
     check_subject(subject)
-    if batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    nsd_ids, captions, default_stimuli = _read_prepared(data, subject)
-    stimuli = Path(stimuli) if stimuli is not None else default_stimuli
+    check_options(FEATURES_OPTIONS, batch_size=batch_size, seed=seed)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    nsd_ids, captions, default_stimuli = _read_prepared(data, subject)
+    stimuli = Path(stimuli) if stimuli is not None else default_stimuli
     settings = FeatureSettings(model=str(model), dtype=str(torch_dtype).removeprefix("torch."), seed=seed)
     final = features_path(data, subject)
     partial = final.with_name(final.name + ".partial")
     if final.is_file():
-        with h5py.File(final, "r") as h5:
+        with reading_hdf5(final, what="features cache", fix="delete it and run `havir features` again") as h5:
             cached = h5.attrs.get("settings") == json.dumps(settings.__dict__) and np.array_equal(h5["nsd_id"][()], nsd_ids)
         if cached:
             return _summary(subject, nsd_ids, len(nsd_ids), settings, torch_device, final, started)

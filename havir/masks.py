@@ -24,7 +24,7 @@ import numpy as np
 
 from havir.io import atomic_path, write_json
 from havir.nsd.atlas import Atlas, read_atlas
-from havir.nsd.layout import ATLASES, NSDLayout, check_subject
+from havir.nsd.layout import ATLASES, SUBJECTS, NSDLayout, check_subject
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,13 +94,14 @@ def _selection(entry: object, where: str) -> RoiSelection:
     return RoiSelection(atlas=atlas, labels=tuple(labels))
 
 
-def _read_toml(path: Path) -> dict:
+def _read_toml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """Read ``path`` with its ``extends`` chain applied; ``chain`` holds the files that extend it."""
     if not path.is_file():
         raise FileNotFoundError(f"mask definition not found: {path}")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"mask definition {path} is not valid TOML: {err}") from err
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ValueError(f"mask definition {path} is not valid TOML ({err}): fix the file") from err
     unknown = set(data) - _KEYS
     if unknown:
         raise ValueError(
@@ -108,10 +109,16 @@ def _read_toml(path: Path) -> dict:
             f"allowed: {', '.join(sorted(_KEYS))}"
         )
     if "extends" in data:
+        if not isinstance(data["extends"], str):
+            raise ValueError(f"mask definition {path}: extends must be a file name, got {data['extends']!r}")
         parent_path = path.parent / data["extends"]
-        if parent_path.resolve() == path.resolve():
-            raise ValueError(f"mask definition {path} extends itself")
-        parent = _read_toml(parent_path)
+        if not parent_path.is_file():
+            raise FileNotFoundError(f"mask definition {path} extends {parent_path}, which is not a file: fix its extends")
+        chain = (*chain, path.resolve())
+        if parent_path.resolve() in chain:
+            cycle = " -> ".join(p.name for p in (*chain, parent_path.resolve()))
+            raise ValueError(f"mask definition {path} extends itself through {cycle}: remove one of these extends")
+        parent = _read_toml(parent_path, chain)
         parent.pop("subject", None)
         parent.pop("description", None)
         parent.update({k: v for k, v in data.items() if k != "extends"})
@@ -136,8 +143,8 @@ def load_definition(path: Path) -> MaskDefinition:
             raise ValueError(f"mask definition {path}: [[{key}]] must list at least one atlas selection")
         sets[key] = tuple(_selection(e, f"{path.name} [[{key}]]") for e in entries)
     subject = data.get("subject")
-    if subject is not None:
-        check_subject(subject)
+    if subject is not None and (isinstance(subject, bool) or subject not in SUBJECTS):
+        raise ValueError(f"mask definition {path}: subject must be one of 1..8, got {subject!r}: fix or remove it")
     return MaskDefinition(
         name=path.stem,
         subject=subject,

@@ -44,6 +44,7 @@ import h5py
 import numpy as np
 
 import havir
+from havir.errors import InvalidInputError
 from havir.io import ensure_output_dir, package_versions, write_json
 from havir.masks import build_masks, definition_for
 from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
@@ -51,6 +52,7 @@ from havir.nsd.design import load_design, subject_trials
 from havir.nsd.layout import NSDLayout, check_subject
 from havir.nsd.stimuli import iter_stimuli, read_captions, read_stim_info, stimulus_side
 from havir.progress import track
+from havir.validation import Interval, OneOf, Rule, check_options, reading_hdf5
 
 #: Version of the prepared-file layout; later stages refuse files of another version.
 FORMAT_VERSION = 2
@@ -81,9 +83,14 @@ class PreparedSubject:
     session: np.ndarray
 
 
+def reading_prepared(path: Path):
+    """Open a prepared file for reading: damage or a missing dataset is one line naming it."""
+    return reading_hdf5(path, what="prepared file", fix="delete it and run `havir prepare` again")
+
+
 def load_split(path: Path, split: str) -> PreparedSubject:
     """Load the ``"train"`` or ``"test"`` trials of a prepared file."""
-    with h5py.File(path, "r") as h5:
+    with reading_prepared(path) as h5:
         version = h5.attrs.get("format_version")
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -91,7 +98,16 @@ def load_split(path: Path, split: str) -> PreparedSubject:
                 "run havir prepare again"
             )
         group = h5[split]
-        return PreparedSubject(**{name: group[name][()] for name in PreparedSubject.__dataclass_fields__})
+        loaded = PreparedSubject(**{name: group[name][()] for name in PreparedSubject.__dataclass_fields__})
+    rows = len(loaded.nsd_id)
+    for name in ("structural", "semantic"):
+        values = getattr(loaded, name)
+        if values.ndim != 2 or values.shape[0] != rows or values.dtype.kind != "f":
+            raise InvalidInputError(
+                f"prepared file {path}: {split}/{name} is {values.dtype} {values.shape}, expected float ({rows}, voxels) "
+                "for its trials: delete it and run `havir prepare` again"
+            )
+    return loaded
 
 
 def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_format: str) -> list[BetasFile]:
@@ -227,6 +243,13 @@ def _write_stimuli_and_captions(h5, layout, test_ids, side, captions) -> None:
     h5.create_dataset("captions/text", data=[c for i in sorted(captions) for c in captions[i]], dtype=h5py.string_dtype())
 
 
+#: ``havir prepare``'s options (``--sessions`` is also checked against the sessions on disk).
+PREPARE_OPTIONS: dict[str, Rule] = {
+    "sessions": Interval(int, 1, optional=True),
+    "betas_format": OneOf("auto", "hdf5", "nifti"),
+}
+
+
 def prepare_subject(
     nsd_root: Path,
     subject: int,
@@ -254,8 +277,7 @@ def prepare_subject(
     """
     started = time.perf_counter()
     check_subject(subject)
-    if betas_format not in ("auto", "hdf5", "nifti"):
-        raise ValueError(f"--betas-format must be auto, hdf5 or nifti, got {betas_format!r}")
+    check_options(PREPARE_OPTIONS, sessions=sessions, betas_format=betas_format)
     layout = NSDLayout(nsd_root)
     layout.check_root()
     files = _choose_files(layout, subject, sessions, betas_format)

@@ -39,21 +39,24 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
-import h5py
 import numpy as np
 import PIL.Image
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 from diffusers.image_processor import VaeImageProcessor
+from safetensors import SafetensorError
 
 import havir
 from havir.devices import resolve_device, resolve_dtype
 from havir.distributed import processes
+from havir.errors import InvalidInputError
 from havir.features import encode_clip_images, encode_clip_texts, features_path
 from havir.io import atomic_path, ensure_output_dir, write_json
 from havir.models.compat import set_text_share
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
+from havir.validation import Interval, OneOf, Rule, check_options, check_values, option_name, read_json, reading_hdf5
 
 MODES = ("fused", "structural", "semantic")
 #: Schedulers the sampler can use, each built from the model's own scheduler config.
@@ -84,15 +87,30 @@ class SamplerSettings:
     clip_sample: bool = False  # clamp the predicted clean latent to [-1, 1] (schedulers that can)
     thresholding: bool = False  # dynamic thresholding of the predicted clean latent (schedulers that can)
 
+    #: Allowed values; named as ``havir reconstruct``'s options in messages.
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "steps": Interval(int, 1, 1000),  # Versatile Diffusion was trained on 1000 noise levels
+        "strength": Interval(float, 0, 1),
+        "guidance": Interval(float, 0),
+        "text_share": Interval(float, 0, 1),
+        "eta": Interval(float, 0, 1),
+        "seed": Interval(int, 0, 2**32 - 1),
+        "scheduler": OneOf(*SCHEDULERS),
+        "img2img_start": OneOf(*IMG2IMG_STARTS),
+        "clip_sample": OneOf(True, False),
+        "thresholding": OneOf(True, False),
+    }
+
     def __post_init__(self):
-        if self.scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {self.scheduler!r}")
-        if self.img2img_start not in IMG2IMG_STARTS:
-            raise ValueError(f"img2img start must be one of {', '.join(IMG2IMG_STARTS)}, got {self.img2img_start!r}")
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {self.strength}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be at least 1, got {self.steps}")
+        check_values(asdict(self), self.CONSTRAINTS, name=option_name)
+
+
+#: ``havir reconstruct``'s options besides the sampler's.
+RECONSTRUCT_OPTIONS: dict[str, Rule] = {
+    "mode": OneOf(*MODES),
+    "limit": Interval(int, 1, optional=True),
+    "batch_size": Interval(int, 1),
+}
 
 
 def unconditional_embeddings(vd: VersatileDiffusion) -> tuple[torch.Tensor, torch.Tensor]:
@@ -265,8 +283,7 @@ def reconstruct(
     Under ``accelerate launch``, each process runs every N-th batch.
     """
     settings = settings or SamplerSettings()
-    if mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+    check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size)
     launch = processes()
     out = ensure_output_dir(out)
     order = np.argsort(nsd_ids)[: limit if limit is not None else None]
@@ -304,21 +321,29 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
     """
     from havir.models.decoders import SemanticExtractor, StructuralGenerator
     from havir.models.ridge import RidgeDecoder
-    from havir.train import load_test_data, ridge_voxels
+    from havir.train import load_decoder, load_test_data, ridge_voxels
 
     record_path = Path(run) / "summary.json"
     if not record_path.is_file():
         raise FileNotFoundError(f"{run} holds no finished training run (no summary.json): run `havir train` first")
-    record = json.loads(record_path.read_text()) | json.loads((Path(run) / "run.json").read_text())
+    fix = "run `havir train` again into a new --out"
+    record = read_json(record_path, what="training summary", fix=fix) | read_json(
+        Path(run) / "run.json", what="run record", fix=fix, keys=("subject", "model", "data")
+    )
     test = load_test_data(Path(record["data"]), record["subject"])
     with torch.no_grad():
         if record["model"] == "ridge":
-            ridge = RidgeDecoder.from_pretrained(Path(run) / "ridge", device=str(device))
+            try:
+                ridge = RidgeDecoder.from_pretrained(Path(run) / "ridge", device=str(device))
+            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # missing, damaged or not JSON
+                raise InvalidInputError(
+                    f"ridge decoder in {Path(run) / 'ridge'} cannot be loaded ({type(err).__name__}: {err}): {fix}"
+                ) from err
             predicted = ridge.predict(ridge_voxels(test, record.get("ridge", {}).get("inputs", "sets")))
             predictions = {name: torch.as_tensor(value) for name, value in predicted.items()}
         else:
-            structural = StructuralGenerator.from_pretrained(Path(run) / "structural").to(device).eval()
-            semantic = SemanticExtractor.from_pretrained(Path(run) / "semantic").to(device).eval()
+            structural = load_decoder(StructuralGenerator, Path(run) / "structural").to(device)
+            semantic = load_decoder(SemanticExtractor, Path(run) / "semantic").to(device)
             image_tokens, text_tokens = semantic(torch.as_tensor(test.semantic, device=device))
             predictions = {
                 "vae_latents": structural(torch.as_tensor(test.structural, device=device)).float().cpu(),
@@ -326,6 +351,18 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
                 "clip_text": text_tokens.float().cpu(),
             }
     return test.nsd_id, predictions, record
+
+
+def _features_settings(cache: Path) -> dict:
+    """What a features cache was computed with: ``{"model", "dtype", "seed"}``."""
+    fix = "run `havir features` again"
+    with reading_hdf5(cache, what="features cache", fix=fix) as h5:
+        settings = h5.attrs["settings"]
+    try:
+        settings = json.loads(settings)
+        return {key: settings[key] for key in ("model", "seed")}
+    except (ValueError, KeyError, TypeError) as err:
+        raise InvalidInputError(f"features cache {cache} has no valid settings record ({err}): {fix}") from err
 
 
 def reconstruct_run(
@@ -343,11 +380,12 @@ def reconstruct_run(
 
     The Versatile Diffusion used is the one the run's features came from (same weights seed).
     """
+    check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size)  # before any work
     torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
     nsd_ids, predictions, record = predict_test_set(run, torch_device)
-    with h5py.File(features_path(Path(record["data"]), record["subject"]), "r") as h5:
-        features = json.loads(h5.attrs["settings"])
-    vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=resolve_dtype(dtype, torch_device), seed=features["seed"])
+    features = _features_settings(features_path(Path(record["data"]), record["subject"]))
+    vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=torch_dtype, seed=features["seed"])
     return reconstruct(
         vd, predictions, nsd_ids, Path(out), mode=mode, settings=settings, batch_size=batch_size, limit=limit,
         provenance={"run": str(Path(run).resolve()), "subject": record["subject"], "model": record["model"]},

@@ -31,6 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import h5py
 import numpy as np
@@ -38,19 +39,22 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, reduce
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load, load_file, save_file
 
 from havir.devices import resolve_device
 from havir.distributed import Shard, batch_shard, processes
+from havir.errors import InvalidInputError, MissingInputError
 from havir.features import FEATURES_FORMAT, features_path
 from havir.io import atomic_path, ensure_output_dir, write_json
 from havir.losses import info_nce, semantic_loss, structural_loss
 from havir.metrics.scores import row_correlations, two_way_identification
-from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator, check_rank
+from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator
 from havir.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
 from havir.nsd.layout import check_subject
 from havir.prepare import load_split
 from havir.progress import track
+from havir.validation import AnyOf, Interval, ListOf, OneOf, Rule, check_options, check_values, read_json, reading_hdf5
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -71,11 +75,14 @@ RIDGE_PRESETS = {
         "standardise_inputs": True, "rescale": True,
     },
 }
+_REPREPARE = "run `havir prepare` again (check the betas for NaN)"
+_RECOMPUTE = "run `havir features` again (with --dtype fp32 if fp16 overflowed)"
 
 
 @dataclass
 class TrainConfig:
-    """Settings of a training run (a TOML file holds any subset of them)."""
+    """Settings of a training run (a TOML file holds any subset of them); checked on creation
+    against :attr:`CONSTRAINTS`, so a bad value is refused before any data is read or written."""
 
     preset: str = "paper"  # decoder sizes: "paper" or "tiny"
     semantic_rank: int | str = "preset"  # rank of the semantic token heads: "preset" (its own), "full" or a positive integer
@@ -94,26 +101,43 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0  # write the checkpoint and best models at most this often (and at the end)
     seed: int = 0
 
+    CONSTRAINTS: ClassVar[dict[str, Rule]] = {
+        "preset": OneOf(*PRESETS),
+        "semantic_rank": AnyOf(OneOf("preset", "full"), Interval(int, 1)),
+        "ridge_preset": OneOf(*RIDGE_PRESETS),
+        "epochs": Interval(int, 1),
+        "batch_size": Interval(int, 1),
+        "learning_rate": Interval(float, 0, closed="right"),
+        "weight_decay": Interval(float, 0),
+        "use_trials": OneOf(True, False),
+        "val_fraction": Interval(float, 0, 1, closed="neither"),
+        "edge_weight": Interval(float, 0),
+        "cosine_weight": Interval(float, 0),
+        "contrastive_weight": Interval(float, 0),
+        "shuffle_control": OneOf(True, False),
+        "ridge_alphas": ListOf(Interval(float, 0, closed="right")),
+        "checkpoint_minutes": Interval(float, 0),
+        "seed": Interval(int, 0, 2**32 - 1),
+    }
+
+    def __post_init__(self):
+        check_values(dataclasses.asdict(self), self.CONSTRAINTS, fix="fix it in the training config (--config)")
+
     @classmethod
     def from_toml(cls, path: Path) -> TrainConfig:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"training config not found: {path}")
+        path = Path(path)
+        if not path.is_file():
+            raise MissingInputError(f"training config not found: {path}: pass an existing TOML file to --config")
         try:
-            values = tomllib.loads(Path(path).read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ValueError(f"training config {path} is not valid TOML: {err}") from err
+            values = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+            raise InvalidInputError(f"training config {path} is not valid TOML ({err}): fix the file") from err
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(values) - known
         if unknown:
-            raise ValueError(f"training config {path} has unknown keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
-        config = cls(**values)
-        if config.preset not in PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {config.preset!r}")
-        if config.semantic_rank != "preset":
-            check_rank(config.semantic_rank)
-        if config.ridge_preset not in RIDGE_PRESETS:
-            raise ValueError(f"ridge_preset must be one of {', '.join(RIDGE_PRESETS)}, got {config.ridge_preset!r}")
-        return config
+            raise InvalidInputError(f"training config {path} has unknown keys {', '.join(sorted(unknown))}; known: {', '.join(sorted(known))}")
+        check_values(values, cls.CONSTRAINTS, fix=f"fix it in {path}")
+        return cls(**values)
 
     def to_toml(self) -> str:
         import tomli_w
@@ -170,13 +194,36 @@ def _inputs(data: Path, subject: int) -> tuple[Path, Path, np.ndarray]:
     cache = features_path(data, subject)
     if not cache.is_file():
         raise FileNotFoundError(f"no features for subj{subject:02d} in {data}: run `havir features` first")
-    with h5py.File(cache, "r") as h5:
+    with _reading_features(cache) as h5:
         if h5.attrs.get("subject") != subject or h5.attrs.get("format_version") != FEATURES_FORMAT:
             raise ValueError(
                 f"{cache} holds features of subject {h5.attrs.get('subject')} (format {h5.attrs.get('format_version')}), "
                 f"not of subj{subject:02d} in format {FEATURES_FORMAT}: run `havir features` again"
             )
-        return prepared, cache, h5["nsd_id"][()]
+        nsd_id = h5["nsd_id"][()]
+        for name in TARGETS:
+            if h5[name].ndim < 3 or h5[name].shape[0] != len(nsd_id) or h5[name].dtype.kind != "f":
+                raise InvalidInputError(
+                    f"features cache {cache}: {name} is {h5[name].dtype} {h5[name].shape}, expected float rows for its "
+                    f"{len(nsd_id)} images: delete it and run `havir features` again"
+                )
+        return prepared, cache, nsd_id
+
+
+def _reading_features(cache: Path):
+    """Open a features cache; damage or a missing dataset is one line naming it and the fix."""
+    return reading_hdf5(cache, what="features cache", fix="delete it and run `havir features` again")
+
+
+def _check_finite(path: Path, arrays: dict[str, np.ndarray], fix: str) -> None:
+    """Refuse NaN or infinite inputs before training: they would surface epochs later as a
+    non-finite loss, which looks like a learning rate too high."""
+    for name, values in arrays.items():
+        finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        if not finite.all():
+            raise InvalidInputError(
+                f"{path} holds NaN or infinite values in {name} ({int((~finite).sum())} of {len(values)} rows): {fix}"
+            )
 
 
 def _check_covered(cache: Path, feature_ids: np.ndarray, nsd_ids: np.ndarray) -> None:
@@ -199,23 +246,34 @@ def load_test_data(data: Path, subject: int) -> Split:
     test = load_split(prepared, "test")
     _check_covered(cache, feature_ids, test.nsd_id)
     ids = np.unique(test.nsd_id)
-    with h5py.File(cache, "r") as h5:
+    with _reading_features(cache) as h5:
         rows = np.searchsorted(feature_ids, ids).tolist()  # ascending, as h5py's fancy reads require
         features = {name: h5[name][rows].astype(np.float32) for name in TARGETS}
+    _check_finite(prepared, {f"test/{name}": getattr(test, name) for name in ("structural", "semantic", "other")}, _REPREPARE)
+    _check_finite(cache, features, _RECOMPUTE)
     return _averaged_split(test.structural, test.semantic, test.nsd_id, features, ids, test.other)
 
 
 def load_training_data(data: Path, subject: int, config: TrainConfig) -> TrainingData:
     """Join a subject's prepared betas with its cached features and split them."""
     prepared, cache, feature_ids = _inputs(data, subject)
-    with h5py.File(cache, "r") as h5:  # training needs nearly every row: read each target once
+    with _reading_features(cache) as h5:  # training needs nearly every row: read each target once
         features = {name: h5[name][()].astype(np.float32) for name in TARGETS}
     train, test = load_split(prepared, "train"), load_split(prepared, "test")
     _check_covered(cache, feature_ids, np.union1d(train.nsd_id, test.nsd_id))
+    _check_finite(prepared, {f"{split}/{name}": getattr(part, name) for split, part in (("train", train), ("test", test))
+                             for name in ("structural", "semantic", "other")}, _REPREPARE)
+    _check_finite(cache, features, _RECOMPUTE)
 
     rng = np.random.default_rng(config.seed)
     train_images = np.unique(train.nsd_id)
-    val_images = rng.choice(train_images, size=max(2, int(round(config.val_fraction * len(train_images)))), replace=False)
+    n_val = max(2, int(round(config.val_fraction * len(train_images))))
+    if n_val >= len(train_images):
+        raise InvalidInputError(
+            f"val_fraction {config.val_fraction} leaves none of the {len(train_images)} training images of {prepared} "
+            "to fit: lower val_fraction in the training config"
+        )
+    val_images = rng.choice(train_images, size=n_val, replace=False)
     is_val = np.isin(train.nsd_id, val_images)
     fit_rows = ~is_val
     if config.use_trials:
@@ -351,6 +409,19 @@ def _save_decoder(model, weights: dict[str, torch.Tensor], folder: Path) -> None
     shutil.rmtree(old, ignore_errors=True)
 
 
+def load_decoder(cls: type[StructuralGenerator] | type[SemanticExtractor], folder: Path):
+    """``cls.from_pretrained(folder)`` that works in any folder: safetensors' file loader takes
+    only UTF-8 paths (a run folder named in Latin-1 could not reload its own model), so the
+    weights are read here as bytes."""
+    try:
+        model = cls.from_config(cls.load_config(folder))
+        model.load_state_dict(load((Path(folder) / SAFETENSORS_WEIGHTS_NAME).read_bytes()))
+    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # missing, damaged or mismatched
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise InvalidInputError(f"decoder in {folder} cannot be loaded ({reason}): run `havir train` again into a new --out") from err
+    return model.eval()
+
+
 def _check_run_folder(run: Path, subject: int, model: str, config: TrainConfig) -> bool:
     """True when ``run`` holds an unfinished or finished run of exactly this training (resume)."""
     record = run / "run.json"
@@ -358,13 +429,27 @@ def _check_run_folder(run: Path, subject: int, model: str, config: TrainConfig) 
         if run.exists() and any(run.iterdir()):
             raise ValueError(f"run folder {run} is not empty and holds no HAVIR run: choose another --out")
         return False
-    held = json.loads(record.read_text())
+    held = read_json(record, what="run record", fix="delete the run folder or choose another --out")
     if (held.get("subject"), held.get("model"), held.get("config_sha256")) != (subject, model, config.sha256()):
         raise ValueError(
             f"run folder {run} holds another run (subject {held.get('subject')}, model {held.get('model')}, "
             f"config {str(held.get('config_sha256'))[:12]}): choose another --out or delete it"
         )
     return True
+
+
+#: ``havir train``'s own options (the training settings are :attr:`TrainConfig.CONSTRAINTS`).
+TRAIN_OPTIONS: dict[str, Rule] = {"model": OneOf("havir", "ridge")}
+
+
+def _features_model(cache: Path) -> str:
+    """The Versatile Diffusion a features cache was computed with (its ``settings`` attribute)."""
+    with _reading_features(cache) as h5:
+        settings = h5.attrs["settings"]
+    try:
+        return json.loads(settings)["model"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise InvalidInputError(f"features cache {cache} has no valid settings record ({err}): run `havir features` again") from err
 
 
 def train_subject(
@@ -383,17 +468,18 @@ def train_subject(
     ``vd``, when given, must be the Versatile Diffusion the cached features were computed with:
     decoders trained on one model's targets are meaningless for another.
     """
-    if model not in ("havir", "ridge"):
-        raise ValueError(f"--model must be havir or ridge, got {model!r}")
+    # 1. Check every option, setting and input (NaN included) while nothing is written yet, so
+    #    a corrected rerun is never refused by a run folder that a refused run created.
+    check_options(TRAIN_OPTIONS, model=model)
     config = config or TrainConfig()
     torch_device = resolve_device(device)
     launch = processes()
     resuming = _check_run_folder(Path(run), subject, model, config)
     dataset = load_training_data(data, subject, config)
-    with h5py.File(features_path(data, subject), "r") as h5:
-        features_vd = json.loads(h5.attrs["settings"])["model"]
+    features_vd = _features_model(features_path(data, subject))
     if vd is not None and vd != features_vd:
         raise ValueError(f"the features in {data} were computed with --vd {features_vd}, not {vd}: run `havir features --vd {vd}` first")
+    # 2. Only now create the run folder and write into it.
     launch.wait_for_everyone()  # every process has checked the run folder before the main one writes into it
     run = Path(run)
     if launch.is_main_process:
@@ -443,6 +529,24 @@ def _train_ridge(dataset: TrainingData, config: TrainConfig, run: Path, device: 
             "test_scores": scores(predicted, dataset.test.targets())}
 
 
+def one_cycle(optimizer: torch.optim.Optimizer, max_lr: float, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The one-cycle learning-rate schedule over ``total_steps`` optimiser steps: a warm-up of
+    about a tenth of the steps (at least one) to ``max_lr``, then cosine annealing.
+
+    torch's ``OneCycleLR`` divides by zero when its warm-up ends exactly on step 0 or on the
+    last step (``pct_start * total_steps - 1`` in {0, total_steps - 1}: 10 steps at
+    ``pct_start = 0.1``, the valid ``epochs = 2, batch_size = 100``); the warm-up here ends on a
+    whole step strictly inside the run, and is torch's 10% exactly when ``total_steps`` is a
+    multiple of 10 from 20 on. A run of one or two steps (no room for both phases) keeps ``max_lr``.
+    """
+    if total_steps < 3:
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    peak = min(max(1, round(0.1 * total_steps) - 1), total_steps - 2)  # step at which the rate is max_lr
+    return torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=max_lr, total_steps=total_steps, pct_start=(peak + 1) / total_steps
+    )
+
+
 def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: torch.device, progress: bool = True) -> dict:
     """Train both decoders on ``dataset`` into ``run`` (resuming a checkpoint found there).
 
@@ -462,9 +566,7 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
     fit = _tensors(dataset.fit, device)  # kept on the device: a realistic subject fits on one GPU
     n_fit = len(dataset.fit.nsd_id)
     steps_per_epoch = -(-n_fit // config.batch_size)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(
-        optimizer, max_lr=config.learning_rate, total_steps=config.epochs * steps_per_epoch, pct_start=0.1
-    )
+    schedule = one_cycle(optimizer, config.learning_rate, config.epochs * steps_per_epoch)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     checkpoint = run / "checkpoint"
     state = {"epoch": 0, "best": {"structural": float("inf"), "semantic": float("inf")}, "best_epoch": {}}
@@ -542,8 +644,8 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
 
     summary = None
     if main:
-        best_structural = StructuralGenerator.from_pretrained(run / "structural").to(device)
-        best_semantic = SemanticExtractor.from_pretrained(run / "semantic").to(device)
+        best_structural = load_decoder(StructuralGenerator, run / "structural").to(device)
+        best_semantic = load_decoder(SemanticExtractor, run / "semantic").to(device)
         summary = {
             "epochs": config.epochs,
             "final_train_loss": state["last"]["train_loss"],

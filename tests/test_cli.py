@@ -134,7 +134,7 @@ def test_bad_option_value(run_cli, small_nsd, tmp_path):
 
 
 def test_synth_refuses_too_few_images(run_cli, tmp_path):
-    assert_user_error(run_cli("synth-nsd", tmp_path / "nsd", "--images", 5), "at least 20")
+    assert_user_error(run_cli("synth-nsd", tmp_path / "nsd", "--images", 5), "--images must be a whole number in [20, 10000]")
 
 
 def test_debug_shows_the_traceback(small_nsd, tmp_path):

@@ -212,18 +212,18 @@ def test_manifest_records_the_img2img_start(tiny, predictions, tmp_path):
     ids, predicted = predictions
     for start, t_noise in (("diffusers", 721), ("brain-diffuser", 741)):
         settings = SamplerSettings(steps=50, strength=0.75, img2img_start=start)
-        images = reconstruct(tiny, predicted, ids, tmp_path / start, settings=settings, limit=0)
+        images = reconstruct(tiny, predicted, ids, tmp_path / start, settings=settings, limit=1)
         manifest = json.loads((tmp_path / start / "manifest.json").read_text())
-        assert images["n_images"] == 0 and manifest["settings"]["img2img_start"] == start
+        assert images["n_images"] == 1 and manifest["settings"]["img2img_start"] == start
         assert manifest["schedule"] == {"scheduler": "DDIMScheduler", "clip_sample": False, "thresholding": False, "start": start,
                                         "denoising_steps": 37, "noised_to_timestep": t_noise, "first_timestep": 721}
-    with pytest.raises(ValueError, match="img2img start must be one of diffusers, brain-diffuser"):
+    with pytest.raises(ValueError, match="--img2img-start must be one of diffusers, brain-diffuser, got 'ldm'"):
         SamplerSettings(img2img_start="ldm")
 
 
 def test_bad_strength(run_cli, tmp_path):
     status, _, stderr = run_cli("reconstruct", "--run", tmp_path, "--out", tmp_path / "recon", "--strength", 1.5)
-    assert status == 2 and "strength must be in [0, 1]" in stderr
+    assert status == 2 and "--strength must be a finite number in [0, 1], got 1.5" in stderr
 
 
 def test_structural_reconstructions_resemble_their_own_stimuli(trainable, tmp_path):

@@ -197,5 +197,5 @@ def test_semantic_rank_setting_reaches_the_heads(trainable, tmp_path):
         _, semantic = build_decoders(data, TrainConfig.from_toml(path))
         assert semantic.config.rank == expected
     path.write_text('semantic_rank = 0\n')
-    with pytest.raises(ValueError, match="positive integer or \"full\", got 0"):
+    with pytest.raises(ValueError, match="semantic_rank must be one of preset, full or a whole number >= 1, got 0"):
         TrainConfig.from_toml(path)

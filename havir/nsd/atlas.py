@@ -26,18 +26,21 @@ class Atlas:
     labels : int16 array of shape (X, Y, Z), the label value of each voxel.
     affine : float array of shape (4, 4), voxel to scanner coordinates (mm).
     names : mapping from label name to label value, e.g. ``{"V1v": 1, ...}``.
+    names_from : where ``names`` came from (the ``.ctab`` file, or HAVIR's built-in list).
     """
 
     name: str
     labels: np.ndarray
     affine: np.ndarray
     names: dict[str, int]
+    names_from: str = "HAVIR's built-in label list"
 
     def voxels(self, label: str) -> np.ndarray:
         """Boolean (X, Y, Z) mask of the voxels that carry ``label``."""
         if label not in self.names:
             raise ValueError(
-                f"atlas {self.name} has no label {label!r}; its labels are {', '.join(self.names)}"
+                f"atlas {self.name} has no label {label!r}; its labels are {', '.join(self.names) or 'none'} "
+                f"(from {self.names_from}): fix the label in the mask definition, or re-download a damaged colour table"
             )
         return self.labels == self.names[label]
 
@@ -45,7 +48,11 @@ class Atlas:
 def read_ctab(path: Path) -> dict[str, int]:
     """Read a FreeSurfer colour table into ``{name: value}``, skipping value 0 (unknown)."""
     names: dict[str, int] = {}
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"colour table {path} is not text ({err.reason} at byte {err.start}): re-download it") from err
+    for line in text.splitlines():
         fields = line.split()
         if not fields or fields[0].startswith("#"):
             continue
@@ -92,4 +99,6 @@ def read_atlas(layout: NSDLayout, subject: int, atlas: str) -> Atlas:
         raise ValueError(f"ROI atlas {path} has shape {data.shape}; expected a 3-D label volume")
     # Labels are small integers stored as float in some releases; round, never truncate.
     labels = np.rint(data).astype(np.int16)
-    return Atlas(name=atlas, labels=labels, affine=image.affine, names=label_names(layout, atlas))
+    ctab = layout.ctab_file(atlas)
+    return Atlas(name=atlas, labels=labels, affine=image.affine, names=label_names(layout, atlas),
+                 **({"names_from": str(ctab)} if ctab.is_file() else {}))

@@ -34,6 +34,7 @@ from havir.io import atomic_path, ensure_output_dir, write_json
 from havir.nsd.betas import BETAS_SCALE
 from havir.nsd.layout import ATLASES, FALLBACK_LABELS, NSDLayout, check_subject
 from havir.nsd.scenes import CATEGORIES, KINDS, content_features, describe_scene, render_scene, sample_scene
+from havir.validation import Interval, OneOf, Rule, check_options
 
 #: Sessions each subject completed in the release, scaled down to ``sessions`` below.
 RELEASE_SESSIONS = (40, 40, 32, 30, 40, 32, 40, 30)
@@ -192,6 +193,19 @@ def _standardise(responses: np.ndarray) -> np.ndarray:
     return (responses - responses.mean(0)) / (responses.std(0) + 1e-8)
 
 
+#: ``havir synth-nsd``'s options: a tenth of ``images`` (at least 10) are shared, and the ids of
+#: all eight subjects' images stay within NSD's 73,000; sessions and image side at most the release's.
+SYNTH_OPTIONS: dict[str, Rule] = {
+    "images": Interval(int, 20, 10_000),
+    "seed": Interval(int, 0, 2**32 - 1),
+    "image_side": Interval(int, 16, 1024),
+    "sessions": Interval(int, 1, 40),
+    "betas_format": OneOf("nifti", "hdf5", "both"),
+    "signal": Interval(float, 0),
+    "noise": Interval(float, 0),
+}
+
+
 def synthesize_nsd(
     out: Path,
     subjects: tuple[int, ...] = (1,),
@@ -219,14 +233,10 @@ def synthesize_nsd(
     signal, noise : standard deviations, in percent signal change, of a voxel's stimulus-driven
         response and of the independent noise on each trial.
     """
-    if betas_format not in ("nifti", "hdf5", "both"):
-        raise ValueError(f"betas_format must be 'nifti', 'hdf5' or 'both', got {betas_format!r}")
+    check_options(SYNTH_OPTIONS, images=images, seed=seed, image_side=image_side, sessions=sessions,
+                  betas_format=betas_format, signal=signal, noise=noise)
     for subject in subjects:
         check_subject(subject)
-    if images < 20:
-        raise ValueError(f"--images must be at least 20 (a tenth of them are the shared test set), got {images}")
-    if sessions < 1:
-        raise ValueError(f"sessions must be at least 1, got {sessions}")
     out = ensure_output_dir(Path(out))
     layout = NSDLayout(out)
     rng = np.random.default_rng(seed)
