@@ -202,7 +202,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporaries left in ``folder`` (and below) by processes that are dead; returns them.
+    """Delete temporaries left in ``folder`` (and below) by processes that are dead, or by this
+    one before it took the folder's lock; returns them.
 
     A ``.replaced-`` folder means a folder swap was cut between its renames: when the new folder
     is in place the old one is deleted, otherwise the old one is put back.
@@ -211,7 +212,8 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
     for parent, folders, files in os.walk(folder):
         for name in folders + files:
             match = _STALE.match(name)
-            if match is None or _alive(int(match.group(2))):
+            pid = int(match.group(2)) if match else 0
+            if match is None or (pid != os.getpid() and _alive(pid)):  # our own are stale: we hold the lock
                 continue
             stale, final = Path(parent) / name, Path(parent) / match.group(3)
             if match.group(1) == REPLACED_PREFIX and not final.exists():

@@ -104,3 +104,68 @@ def test_prepare_killed_at_any_write_resumes_to_identical_arrays(small_nsd, tmp_
             assert abs(h5["train/structural"][()].std(axis=0).mean() - 1) < 1e-3, f"z-scored twice (kill at {kill_at})"
         assert json.loads((out / "subj01.json").read_text())["train_trials"] > 0
         assert_no_temporaries(out)
+
+
+class _StopAtCommit:
+    """Counts the renames that commit an output under ``folder`` (``os.replace``, through which
+    :func:`havir.io.commit` goes) and raises KeyboardInterrupt at the ``stop_at``-th one."""
+
+    def __init__(self, monkeypatch, folder: Path, stop_at: int = 0):
+        self.folder, self.stop_at, self.calls = str(Path(folder).resolve()), stop_at, 0
+        self.original = os.replace
+        monkeypatch.setattr(os, "replace", self)
+
+    def __call__(self, source, destination, *args, **kwargs):
+        if str(Path(destination).resolve()).startswith(self.folder):
+            self.calls += 1
+            if self.calls == self.stop_at:
+                raise KeyboardInterrupt(f"stopped at commit {self.calls}: {destination}")
+        return self.original(source, destination, *args, **kwargs)
+
+
+def _commit_points(n_commits: int, wanted: int) -> list[int]:
+    """``wanted`` stop points spread evenly over 1..n_commits (always the first and the last)."""
+    return sorted({round(1 + i * (n_commits - 1) / (wanted - 1)) for i in range(wanted)})
+
+
+def _same_safetensors(expected: Path, actual: Path) -> None:
+    from safetensors.torch import load_file
+
+    a, b = load_file(expected), load_file(actual)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].equal(b[key]), f"{actual}: {key} differs"
+
+
+def test_train_stopped_at_commits_resumes_to_the_same_weights(trainable, tmp_path, monkeypatch):
+    """Issue 12, item 2: weights, optimiser and schedule written before the state file made the
+    rerun replay an epoch from later weights, then fail for good ("Tried to step ...")."""
+    import dataclasses
+
+    from havir.train import TrainConfig, train_subject
+
+    data, _ = trainable
+    config = TrainConfig(preset="tiny", epochs=3, batch_size=64, learning_rate=1e-3, checkpoint_minutes=0)
+    counter = _StopAtCommit(monkeypatch, tmp_path / "whole")
+    train_subject(data, 1, tmp_path / "whole", config=config, device="cpu", progress=False)
+    n_commits = counter.calls
+    assert n_commits >= 8
+    monkeypatch.undo()
+
+    def epochs(run: Path) -> list[int]:
+        return [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    for stop_at in _commit_points(n_commits, 5):
+        run = tmp_path / f"stopped-{stop_at}"
+        _StopAtCommit(monkeypatch, run, stop_at)
+        with pytest.raises(KeyboardInterrupt):
+            train_subject(data, 1, run, config=config, device="cpu", progress=False)
+        monkeypatch.undo()
+        train_subject(data, 1, run, config=config, device="cpu", progress=False)
+        for name in ("checkpoint/structural.safetensors", "checkpoint/semantic.safetensors",
+                     "structural/diffusion_pytorch_model.safetensors", "semantic/diffusion_pytorch_model.safetensors"):
+            _same_safetensors(tmp_path / "whole" / name, run / name)
+        assert epochs(run) == [1, 2, 3], stop_at
+        assert not list(run.glob("checkpoint/*.pt")), "optimiser state pickled"
+        assert_no_temporaries(run)
+    assert dataclasses.asdict(config)  # the same settings throughout

@@ -1,0 +1,114 @@
+"""The write protocol of :mod:`havir.io` and what it guarantees each command: a second writer is
+refused, a failed start never blocks the corrected rerun, stale temporaries go, a damaged
+partial file is recomputed, a full disk is one line, and only safetensors are read."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import havir.io
+import havir.train
+from havir.errors import DiskFullError, FolderBusyError
+from havir.io import atomic_path, output_folder, remove_stale_temporaries, write_json
+from tests.test_crash_points import assert_no_temporaries
+
+TINY = havir.train.TrainConfig(preset="tiny", epochs=2, batch_size=64, learning_rate=1e-3, checkpoint_minutes=0)
+
+DEAD_PID = 2**22 + 12345  # above Linux's pid_max: no process has it
+
+
+def test_atomic_path_commits_a_file_or_a_folder_and_leaves_nothing_on_failure(tmp_path):
+    write_json(tmp_path / "a.json", {"v": 1})
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "a.json") as temporary:
+        temporary.write_text("half")
+        raise RuntimeError
+    assert json.loads((tmp_path / "a.json").read_text()) == {"v": 1}
+    for version in (1, 2):
+        with atomic_path(tmp_path / "model") as temporary:
+            temporary.mkdir()
+            (temporary / "weights").write_text(str(version))
+    assert (tmp_path / "model/weights").read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "model"]
+
+
+def test_stale_temporaries_of_dead_processes_are_removed_and_a_cut_swap_is_undone(tmp_path):
+    (tmp_path / f".partial-{DEAD_PID}-3.png").write_bytes(b"half an image")
+    (tmp_path / f".partial-{os.getppid()}-7.png").write_bytes(b"a live writer's")
+    (tmp_path / "run").mkdir()
+    (tmp_path / f"run/.partial-{DEAD_PID}-checkpoint").mkdir()
+    (tmp_path / f"run/.replaced-{DEAD_PID}-structural").mkdir()  # swap cut before the new one arrived
+    (tmp_path / "run/.replaced-{0}-semantic".format(DEAD_PID)).mkdir()  # cut after it arrived
+    (tmp_path / "run/semantic").mkdir()
+    removed = remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in removed) == sorted([f".partial-{DEAD_PID}-3.png", f".partial-{DEAD_PID}-checkpoint",
+                                                     f".replaced-{DEAD_PID}-semantic"])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["semantic", "structural"]
+    assert (tmp_path / f".partial-{os.getppid()}-7.png").exists()
+
+
+@contextlib.contextmanager
+def locked_elsewhere(folder):
+    """Another process holds ``folder``'s lock for the block; yields its pid."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from havir.io import output_folder\n"
+         "with output_folder(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(folder)],
+        stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": os.getcwd()},
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_writer_of_a_folder_is_refused(tmp_path):
+    with locked_elsewhere(tmp_path) as pid:
+        with pytest.raises(FolderBusyError, match=rf"{tmp_path} is being written by another havir process \(pid {pid}\)"):
+            with output_folder(tmp_path):
+                pass
+    with output_folder(tmp_path), output_folder(tmp_path):  # free again; re-entrant within a process
+        assert (tmp_path / havir.io.LOCK_NAME).is_file()
+    assert not (tmp_path / havir.io.LOCK_NAME).exists()
+
+
+def test_two_train_runs_into_one_folder(trainable, tmp_path, run_cli):
+    """Issue 12, item 3 (last case): two `train` runs into one --out both "succeeded", every epoch logged twice."""
+    data, _ = trainable
+    run = tmp_path / "run"
+    run.mkdir()
+    with locked_elsewhere(run):
+        status, _, stderr = run_cli("train", "--data", data, "--subject", 1, "--out", run)
+    assert status == 2
+    assert stderr.count("\n") == 1 and "is being written by another havir process" in stderr
+    assert not (run / "run.json").exists()
+
+
+def test_a_failed_start_does_not_block_the_corrected_rerun(trainable, tmp_path, monkeypatch):
+    """Issue 12, item 6: a config that failed in the first epoch left a run folder that refused
+    the corrected rerun ("holds another run")."""
+    data, _ = trainable
+    original = havir.train._losses
+    monkeypatch.setattr(havir.train, "_losses", lambda *a, **k: {n: v * float("nan") for n, v in original(*a, **k).items()})
+    bad = dataclasses.replace(TINY, learning_rate=10.0)
+    with pytest.raises(ValueError, match="became"):
+        havir.train.train_subject(data, 1, tmp_path / "run", config=bad, device="cpu", progress=False)
+    monkeypatch.undo()
+    summary = havir.train.train_subject(data, 1, tmp_path / "run", config=TINY, device="cpu", progress=False)
+    assert summary["epochs"] == 2
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert 'learning_rate = 0.001' in (tmp_path / "run/config.toml").read_text()
+
+
+def test_no_run_folder_before_the_inputs_are_checked(trainable, tmp_path, run_cli):
+    status, _, stderr = run_cli("train", "--data", trainable[0], "--subject", 1, "--out", tmp_path / "run", "--vd", "other")
+    assert status == 2 and "--vd" in stderr
+    assert not (tmp_path / "run").exists()
