@@ -25,6 +25,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import havir.io
 from havir.io import LOCK_NAME, REPLACED_PREFIX, TEMPORARY_PREFIX
@@ -169,3 +170,72 @@ def test_train_stopped_at_commits_resumes_to_the_same_weights(trainable, tmp_pat
         assert not list(run.glob("checkpoint/*.pt")), "optimiser state pickled"
         assert_no_temporaries(run)
     assert dataclasses.asdict(config)  # the same settings throughout
+
+
+@pytest.fixture
+def small_prepared(small_nsd, tmp_path):
+    """The small release prepared into a fresh folder: a function making more such folders."""
+    root, _ = small_nsd
+    reference = tmp_path / "prepared"
+    prepare_subject(root, 1, reference, progress=False)
+
+    def copy(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        for file in ("subj01.h5", "subj01.json"):
+            (folder / file).write_bytes((reference / file).read_bytes())
+        return folder
+
+    return copy
+
+
+class _StopAtWrite:
+    """Raises KeyboardInterrupt at the ``stop_at``-th HDF5 dataset write (0: never); counts them."""
+
+    def __init__(self, monkeypatch, stop_at: int = 0):
+        self.stop_at, self.calls, self.original = stop_at, 0, h5py.Dataset.__setitem__
+        stopper = self
+
+        def write(dataset, key, value):
+            stopper.calls += 1
+            if stopper.calls == stopper.stop_at:
+                raise KeyboardInterrupt(f"stopped at write {stopper.calls}")
+            return stopper.original(dataset, key, value)
+
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", write)
+
+
+@pytest.fixture(scope="module")
+def tiny_vd():
+    from havir.models.versatile import load_versatile_diffusion
+
+    return load_versatile_diffusion("tiny", device="cpu", dtype=torch.float32, seed=0)
+
+
+def test_features_stopped_or_damaged_resumes_to_the_same_cache(small_prepared, tiny_vd, monkeypatch):
+    """Issue 12, item 7: a damaged features ``.partial`` blocked every rerun ("file signature not found")."""
+    import havir.features
+    from havir.features import compute_features, features_path
+
+    monkeypatch.setattr(havir.features, "load_versatile_diffusion", lambda *args, **kwargs: tiny_vd)
+    whole = small_prepared("whole")
+    counter = _StopAtWrite(monkeypatch)
+    compute_features(whole, 1, model="tiny", batch_size=8, progress=False)
+    n_writes = counter.calls
+    for stop_at in _commit_points(n_writes, 3)[:-1]:
+        data = small_prepared(f"stopped-{stop_at}")
+        _StopAtWrite(monkeypatch, stop_at)
+        with pytest.raises(KeyboardInterrupt):
+            compute_features(data, 1, model="tiny", batch_size=8, progress=False)
+        monkeypatch.setattr(h5py.Dataset, "__setitem__", counter.original)
+        partial = features_path(data, 1).with_name("subj01_features.h5.partial")
+        assert partial.is_file()
+        if stop_at > 1:  # a torn file: half of it, as after a crash of the machine
+            partial.write_bytes(partial.read_bytes()[: partial.stat().st_size // 2])
+        compute_features(data, 1, model="tiny", batch_size=8, progress=False)
+        assert_same_hdf5(features_path(whole, 1), features_path(data, 1))
+        assert_no_temporaries(data)
+    data = small_prepared("garbage")
+    features_path(data, 1).with_name("subj01_features.h5.partial").write_bytes(b"not an HDF5 file")
+    compute_features(data, 1, model="tiny", batch_size=8, progress=False)
+    assert_same_hdf5(features_path(whole, 1), features_path(data, 1))
