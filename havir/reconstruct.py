@@ -44,7 +44,7 @@ import havir
 from havir.devices import resolve_device, resolve_dtype
 from havir.distributed import processes
 from havir.features import encode_clip_images, encode_clip_texts, features_path
-from havir.io import atomic_path, ensure_output_dir, write_json
+from havir.io import atomic_path, output_folder, write_json
 from havir.models.compat import set_text_share
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 
@@ -199,30 +199,35 @@ def reconstruct(
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     launch = processes()
-    out = ensure_output_dir(out)
     order = np.argsort(nsd_ids)[: limit if limit is not None else None]
-    todo = [i for i in order.tolist() if not (out / f"{int(nsd_ids[i])}.png").exists()]
-    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    # Batches are cut from the whole ordered list, not from what is left to do: a resumed run
+    # computes every image in the batch it had in an uninterrupted run (same shapes, same float
+    # rounding), so its PNGs are bit-identical; a batch with any image missing runs whole.
+    batches = [order[start : start + batch_size].tolist() for start in range(0, len(order), batch_size)]
     unconditional = unconditional_embeddings(vd)
-    launch.wait_for_everyone()  # every process has listed the images to do before any is written
-    started = time.perf_counter()
-    for rows in batches[launch.process_index :: launch.num_processes]:
-        images = reconstruct_batch(
-            vd, mode, settings, nsd_ids[rows],
-            *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
-            unconditional,
-        )
-        write_images(out, nsd_ids[rows], images)
-    launch.wait_for_everyone()
-    seconds = time.perf_counter() - started
-    if launch.is_main_process:
-        write_json(out / "manifest.json", {
-            "mode": mode, "settings": asdict(settings), "images": [int(nsd_ids[i]) for i in order.tolist()],
-            "vd": vd.source, "havir_version": havir.__version__, "torch": torch.__version__,
-        } | (provenance or {}))
+    with output_folder(Path(out), lock=launch.is_main_process) as out:
+        missing = {i for i in order.tolist() if not (out / f"{int(nsd_ids[i])}.png").exists()}
+        launch.wait_for_everyone()  # every process has listed the images to do before any is written
+        started = time.perf_counter()
+        todo = [rows for rows in batches if missing.intersection(rows)]
+        for rows in todo[launch.process_index :: launch.num_processes]:
+            images = reconstruct_batch(
+                vd, mode, settings, nsd_ids[rows],
+                *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
+                unconditional,
+            )
+            kept = [k for k, row in enumerate(rows) if row in missing]
+            write_images(out, nsd_ids[rows][kept], images[kept])
+        launch.wait_for_everyone()
+        seconds = time.perf_counter() - started
+        if launch.is_main_process:
+            write_json(out / "manifest.json", {
+                "mode": mode, "settings": asdict(settings), "images": [int(nsd_ids[i]) for i in order.tolist()],
+                "batch_size": batch_size, "vd": vd.source, "havir_version": havir.__version__, "torch": torch.__version__,
+            } | (provenance or {}))
     return {
-        "n_images": len(order), "reconstructed": len(todo), "mode": mode, "seconds": round(seconds, 3),
-        "images_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+        "n_images": len(order), "reconstructed": len(missing), "mode": mode, "seconds": round(seconds, 3),
+        "images_per_second": round(len(missing) / seconds, 3) if missing and seconds > 0 else None,
         "output": str(out),
     }
 

@@ -239,3 +239,45 @@ def test_features_stopped_or_damaged_resumes_to_the_same_cache(small_prepared, t
     features_path(data, 1).with_name("subj01_features.h5.partial").write_bytes(b"not an HDF5 file")
     compute_features(data, 1, model="tiny", batch_size=8, progress=False)
     assert_same_hdf5(features_path(whole, 1), features_path(data, 1))
+
+
+@pytest.fixture(scope="module")
+def five_predictions(tiny_vd):
+    generator = torch.Generator().manual_seed(0)
+    side = tiny_vd.image_side // 8
+    ids = np.array([30, 4, 17, 8, 21])
+    return ids, {
+        "vae_latents": torch.randn(5, 4, side, side, generator=generator),
+        "clip_image": torch.randn(5, 257, 32, generator=generator) * 0.1,
+        "clip_text": torch.randn(5, 77, 32, generator=generator) * 0.1,
+    }
+
+
+def _same_files(expected: Path, actual: Path) -> None:
+    names = sorted(p.name for p in expected.iterdir())
+    assert sorted(p.name for p in actual.iterdir()) == names
+    for name in names:
+        assert (expected / name).read_bytes() == (actual / name).read_bytes(), f"{actual / name} differs"
+
+
+def test_reconstruct_stopped_at_any_commit_resumes_to_identical_pngs(tiny_vd, five_predictions, tmp_path, monkeypatch):
+    """Issue 12, item 7: a resumed run's PNG differed by a grey level (it ran in a smaller batch),
+    and a crashed run's ``.partial-<pid>-<id>.png`` stayed behind for good."""
+    from havir.reconstruct import SamplerSettings, reconstruct
+
+    ids, predicted = five_predictions
+    settings = SamplerSettings(steps=4, strength=0.75)
+    counter = _StopAtCommit(monkeypatch, tmp_path / "whole")
+    reconstruct(tiny_vd, predicted, ids, tmp_path / "whole", settings=settings, batch_size=2)
+    monkeypatch.undo()
+    assert counter.calls == 6  # five PNGs and the manifest
+    for stop_at in (2, 4, 6):
+        out = tmp_path / f"stopped-{stop_at}"
+        _StopAtCommit(monkeypatch, out, stop_at)
+        with pytest.raises(KeyboardInterrupt):
+            reconstruct(tiny_vd, predicted, ids, out, settings=settings, batch_size=2)
+        monkeypatch.undo()
+        (out / f".partial-{2**22 + 1}-17.png").write_bytes(b"what a killed run left")
+        reconstruct(tiny_vd, predicted, ids, out, settings=settings, batch_size=2)
+        _same_files(tmp_path / "whole", out)
+        assert_no_temporaries(out)
