@@ -7,6 +7,7 @@ stderr and exit status 2 here, in :func:`main`; ``--debug`` shows the traceback 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -258,10 +259,14 @@ def eval_command(
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
-    evaluation = evaluate_folder(
-        recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
-        device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
-    )
+    from havir.io import output_folder
+
+    # Locked like every output folder (the evaluation reads RECON, which must exist, and writes OUT).
+    with output_folder(out or recon / "eval") if recon.is_dir() else contextlib.nullcontext():
+        evaluation = evaluate_folder(
+            recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
+            device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
+        )
     summary = evaluation.summary()
     if as_json:
         _emit(summary, as_json, "")

@@ -34,7 +34,7 @@ from diffusers.image_processor import VaeImageProcessor
 
 from havir.devices import resolve_device, resolve_dtype
 from havir.distributed import processes
-from havir.io import atomic_path, check_free_space, is_disk_full, open_h5, output_folder
+from havir.io import atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder
 from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.layout import check_subject
 from havir.nsd.stimuli import iter_stimuli
@@ -257,9 +257,9 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
                     h5["clip_text"][rows] = text_mean
                     written += rows
             if launch.is_main_process:
-                h5.flush()  # the rows reach the file before they are marked done
+                flush_h5(h5)  # the rows reach the file before they are marked done
                 h5["done"][sorted(written)] = True
-                h5.flush()
+                flush_h5(h5)
     return len(nsd_ids) - len(todo)
 
 

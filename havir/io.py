@@ -306,10 +306,11 @@ def output_folder(folder: Path, *, lock: bool = True) -> Iterator[Path]:
 class _SpaceGuardedFile(io.FileIO):
     """A file for h5py's ``fileobj`` driver that survives a full disk.
 
-    The first failed write is raised (HDF5 reports it); later ones, HDF5's flush on closing,
-    pretend to succeed so the file closes cleanly: HDF5 closing a file it cannot flush crashes
-    the interpreter with a segmentation fault (seen with HDF5 2.0 and h5py 3.16). The file is
-    then worthless; :func:`open_h5` raises :class:`DiskFullError`.
+    A write that fails for lack of space is recorded and reported to HDF5 as done: HDF5 must not
+    see it fail, because a failed write inside HDF5 (a chunk written when a dataset object is
+    freed, the flush when a file closes) leaves it in a state where it later crashes the
+    interpreter (segmentation fault; seen with HDF5 2.0 and h5py 3.16). The file is worthless
+    from then on: :func:`flush_h5` and the end of :func:`open_h5` raise :class:`DiskFullError`.
     """
 
     error: OSError | None = None
@@ -317,13 +318,18 @@ class _SpaceGuardedFile(io.FileIO):
     def write(self, data) -> int:
         if self.error is None:
             try:
-                return super().write(data)
+                return self._write(data)
             except OSError as err:
                 if not is_disk_full(err):
                     raise
                 self.error = err
-                raise
         return memoryview(data).nbytes
+
+    def _write(self, data) -> int:
+        return super().write(data)
+
+
+_guards: dict[int, tuple[_SpaceGuardedFile, Path, int | None]] = {}  # HDF5 file id -> its guard, folder, need
 
 
 @contextmanager
@@ -340,10 +346,24 @@ def open_h5(path: Path, mode: str = "a", *, needed: int | None = None, **kwargs)
     with raw, reporting_full_disk(path.parent, needed):
         try:
             with h5py.File(raw, "r+" if existing else "w", **kwargs) as h5:
-                yield h5
+                key = h5.id.id
+                _guards[key] = (raw, path.parent, needed)
+                try:
+                    yield h5
+                finally:
+                    del _guards[key]
         finally:
             if raw.error is not None:
                 raise disk_full(path.parent, needed) from raw.error
+
+
+def flush_h5(h5) -> None:
+    """Flush a file opened by :func:`open_h5` to the OS; :class:`DiskFullError` if any of its
+    writes so far failed for lack of space (call it before recording work as done)."""
+    h5.flush()
+    raw, folder, needed = _guards[h5.id.id]
+    if raw.error is not None:
+        raise disk_full(folder, needed) from raw.error
 
 
 def package_versions(*packages: str) -> dict[str, str]:

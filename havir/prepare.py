@@ -45,7 +45,7 @@ import h5py
 import numpy as np
 
 import havir
-from havir.io import atomic_path, check_free_space, is_disk_full, open_h5, output_folder, package_versions
+from havir.io import atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder, package_versions
 from havir.masks import build_masks, definition_for
 from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
 from havir.nsd.design import load_design, subject_trials
@@ -209,9 +209,9 @@ def _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, prog
                     moments[name] = np.stack([mean, m2])
                     moments.attrs["count"] = count
             written[split] = stop
-        h5.flush()
+        flush_h5(h5)
         h5.attrs["sessions_done"] = index + 1
-        h5.flush()
+        flush_h5(h5)
 
 
 def _write_normalised(raw, h5, subject: int, voxels, trials, split_of) -> None:

@@ -112,3 +112,132 @@ def test_no_run_folder_before_the_inputs_are_checked(trainable, tmp_path, run_cl
     status, _, stderr = run_cli("train", "--data", trainable[0], "--subject", 1, "--out", tmp_path / "run", "--vd", "other")
     assert status == 2 and "--vd" in stderr
     assert not (tmp_path / "run").exists()
+
+
+# --- A full disk (issue 12, item 4) ------------------------------------------------------------
+
+
+def _no_space(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _FullAfter(havir.io._SpaceGuardedFile):
+    """An HDF5 file on a disk that fills after 64 kB."""
+
+    def _write(self, data) -> int:
+        if self.tell() + memoryview(data).nbytes > 65536:
+            _no_space()
+        return super()._write(data)
+
+
+def _one_line_disk_full(status: int, stderr: str, folder) -> None:
+    assert status == 2, stderr
+    assert stderr.count("\n") == 1, stderr
+    assert f"the disk holding {folder}" in stderr and "free" in stderr
+
+
+def _files(folder) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*")) if folder.exists() else []
+
+
+@pytest.mark.parametrize("failing", ["fsync", "hdf5"])
+def test_full_disk_in_prepare(small_nsd, tmp_path, run_cli, monkeypatch, failing):
+    root, _ = small_nsd
+    monkeypatch.setattr(*(("os.fsync", _no_space) if failing == "fsync" else (havir.io, "_SpaceGuardedFile", _FullAfter)))
+    status, _, stderr = run_cli("prepare", "--nsd-root", root, "--subject", 1, "--out", tmp_path / "data", "--json")
+    _one_line_disk_full(status, stderr, tmp_path / "data")
+    assert _files(tmp_path / "data") == [], "partial files left behind"
+
+
+def test_full_disk_in_prepare_is_found_before_the_work(small_nsd, tmp_path, run_cli, monkeypatch):
+    root, _ = small_nsd
+    monkeypatch.setattr(havir.io.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
+    status, _, stderr = run_cli("prepare", "--nsd-root", root, "--subject", 1, "--out", tmp_path / "data", "--json")
+    _one_line_disk_full(status, stderr, tmp_path / "data")
+    assert "(1.0 KB free, about" in stderr and "MB needed)" in stderr
+
+
+def shutil_usage(free: int):
+    import collections
+
+    return collections.namedtuple("usage", "total used free")(10**9, 10**9 - free, free)
+
+
+@pytest.mark.parametrize("failing", ["fsync", "hdf5"])
+def test_full_disk_in_features(small_nsd, tmp_path, run_cli, monkeypatch, failing):
+    import havir.features
+    from havir.models.versatile import build_random
+    from havir.prepare import prepare_subject
+
+    root, _ = small_nsd
+    prepare_subject(root, 1, tmp_path / "data", progress=False)
+    before = _files(tmp_path / "data")
+    tiny = build_random("tiny", seed=0)
+    monkeypatch.setattr(havir.features, "load_versatile_diffusion", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr(*(("os.fsync", _no_space) if failing == "fsync" else (havir.io, "_SpaceGuardedFile", _FullAfter)))
+    status, _, stderr = run_cli("features", "--data", tmp_path / "data", "--subject", 1, "--vd", "tiny", "--json")
+    _one_line_disk_full(status, stderr, tmp_path / "data")
+    assert _files(tmp_path / "data") == before, "partial files left behind"
+
+
+def test_full_disk_in_train(trainable, tmp_path, run_cli, monkeypatch):
+    config = tmp_path / "tiny.toml"
+    config.write_text('preset = "tiny"\nepochs = 1\nbatch_size = 64\n')
+    original = havir.train.save_file
+    monkeypatch.setattr(havir.train, "save_file", lambda *a, **k: original(*a, **k) if False else _safetensors_full())
+    status, _, stderr = run_cli("train", "--data", trainable[0], "--subject", 1, "--out", tmp_path / "run", "--config", config, "--json")
+    _one_line_disk_full(status, stderr, tmp_path / "run")
+    assert not any(p.name.startswith(".") for p in (tmp_path / "run").rglob("*")), "partial files left behind"
+
+
+def _safetensors_full():
+    from safetensors import SafetensorError
+
+    # What safetensors' Rust writer raises on a full disk (not an OSError).
+    raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+
+
+def test_full_disk_in_reconstruct(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    from havir.models.versatile import build_random
+    from havir.reconstruct import SamplerSettings, reconstruct
+
+    tiny = build_random("tiny", seed=0)
+    side = tiny.image_side // 8
+    predicted = {"vae_latents": torch.zeros(2, 4, side, side), "clip_image": torch.zeros(2, 257, 32),
+                 "clip_text": torch.zeros(2, 77, 32)}
+    monkeypatch.setattr("os.fsync", _no_space)
+    with pytest.raises(DiskFullError, match=rf"the disk holding {tmp_path / 'recon'} is full \(.* free\)"):
+        reconstruct(tiny, predicted, np.array([3, 5]), tmp_path / "recon", mode="structural", settings=SamplerSettings(steps=1))
+    assert _files(tmp_path / "recon") == []
+
+
+def _tmpfs_available() -> bool:
+    try:
+        return subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                              capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+@pytest.mark.skipif(not _tmpfs_available(), reason="needs unshare -rm to mount a tmpfs without root")
+@pytest.mark.parametrize("size", ["300k", "2m"])
+def test_synth_nsd_and_prepare_on_a_real_full_disk(small_nsd, tmp_path, size):
+    """A real 300 kB / 2 MB tmpfs: synth-nsd and prepare ended in a segmentation fault (exit -11)."""
+    root, _ = small_nsd
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = (
+        f"mount -t tmpfs -o size={size} tmpfs {disk} && cd {os.getcwd()} && "
+        f"{sys.executable} -m havir synth-nsd {disk}/nsd --images 40 --sessions 2 2>{tmp_path}/synth.err; echo synth=$?; "
+        f"{sys.executable} -m havir prepare --nsd-root {root} --subject 1 --out {disk}/data 2>{tmp_path}/prepare.err; echo prepare=$?; "
+        f"cat {tmp_path}/synth.err {tmp_path}/prepare.err; find {disk} -name '.*' -o -name '*partial*'"
+    )
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=120,
+                            env=os.environ | {"PYTHONPATH": os.getcwd(), "OMP_NUM_THREADS": "1"})
+    lines = result.stdout.splitlines()
+    assert lines[0] == "synth=2" and lines[1] == "prepare=2", result.stdout + result.stderr
+    assert len(lines) == 4, f"one line per command and no partial file expected: {lines}"
+    assert all("is full" in line for line in lines[2:]), lines
