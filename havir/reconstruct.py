@@ -252,8 +252,8 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
             predicted = ridge.predict(np.concatenate([test.structural, test.semantic], axis=1))
             predictions = {name: torch.as_tensor(value) for name, value in predicted.items()}
         else:
-            structural = StructuralGenerator.from_pretrained(Path(run) / "structural").to(device).eval()
-            semantic = SemanticExtractor.from_pretrained(Path(run) / "semantic").to(device).eval()
+            structural = StructuralGenerator.from_pretrained(Path(run) / "structural", use_safetensors=True).to(device).eval()
+            semantic = SemanticExtractor.from_pretrained(Path(run) / "semantic", use_safetensors=True).to(device).eval()
             image_tokens, text_tokens = semantic(torch.as_tensor(test.semantic, device=device))
             predictions = {
                 "vae_latents": structural(torch.as_tensor(test.structural, device=device)).float().cpu(),

@@ -400,7 +400,8 @@ def _train_ridge(dataset: TrainingData, config: TrainConfig, run: Path, device: 
 
     ridge = RidgeDecoder(alphas=config.ridge_alphas, val_fraction=config.val_fraction, seed=config.seed, device=str(device))
     ridge.fit(voxels(dataset.fit), dataset.fit.targets())
-    ridge.save_pretrained(run / "ridge")
+    with atomic_path(run / "ridge") as temporary:  # weights and config.json committed together
+        ridge.save_pretrained(temporary)
     predicted = {name: torch.as_tensor(p) for name, p in ridge.predict(voxels(dataset.test)).items()}
     return {"epochs": 0, "alpha": ridge.alpha_, "test_scores": scores(predicted, dataset.test.targets())}
 
@@ -505,8 +506,8 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
 
     summary = None
     if main:
-        best_structural = StructuralGenerator.from_pretrained(run / "structural").to(device)
-        best_semantic = SemanticExtractor.from_pretrained(run / "semantic").to(device)
+        best_structural = StructuralGenerator.from_pretrained(run / "structural", use_safetensors=True).to(device)
+        best_semantic = SemanticExtractor.from_pretrained(run / "semantic", use_safetensors=True).to(device)
         summary = {
             "epochs": config.epochs,
             "final_train_loss": state["last"]["train_loss"],

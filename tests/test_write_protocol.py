@@ -241,3 +241,26 @@ def test_synth_nsd_and_prepare_on_a_real_full_disk(small_nsd, tmp_path, size):
     assert lines[0] == "synth=2" and lines[1] == "prepare=2", result.stdout + result.stderr
     assert len(lines) == 4, f"one line per command and no partial file expected: {lines}"
     assert all("is full" in line for line in lines[2:]), lines
+
+
+def test_a_run_folder_with_pickled_weights_is_not_unpickled(trainable, tmp_path, monkeypatch):
+    """Issue 12, item 10: a ``.bin`` instead of ``.safetensors`` in a run folder was loaded
+    through torch's pickle path."""
+    import torch
+    from safetensors.torch import load_file
+
+    from havir.reconstruct import predict_test_set
+
+    run = tmp_path / "run"
+    havir.train.train_subject(trainable[0], 1, run, config=dataclasses.replace(TINY, epochs=1), device="cpu", progress=False)
+    for name in ("structural", "semantic"):
+        weights = run / name / "diffusion_pytorch_model.safetensors"
+        torch.save(load_file(weights), weights.with_suffix(".bin"))
+        weights.unlink()
+
+    def unpickle(*args, **kwargs):
+        raise AssertionError("a user's file was unpickled")
+
+    monkeypatch.setattr(torch, "load", unpickle)
+    with pytest.raises(OSError, match="safetensors"):
+        predict_test_set(run, torch.device("cpu"))
