@@ -45,7 +45,7 @@ import h5py
 import numpy as np
 
 import havir
-from havir.io import atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder, package_versions
+from havir.io import atomic_path, check_free_space, flush_h5, open_h5, output_folder, package_versions
 from havir.masks import build_masks, definition_for
 from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
 from havir.nsd.design import load_design, subject_trials
@@ -367,9 +367,8 @@ def prepare_subject(
                 summary["seconds"] = round(time.perf_counter() - started, 3)
                 record_temporary.write_text(json.dumps(record | {"seconds": summary["seconds"]}, indent=2) + "\n")
                 record_path.unlink(missing_ok=True)
-        except Exception as err:
-            if is_disk_full(err):  # nothing to resume on a full disk: leave no partial file
-                partial.unlink(missing_ok=True)
+        except (ValueError, OSError):  # bad input or a full disk: nothing to resume from once it is fixed
+            partial.unlink(missing_ok=True)
             raise
         partial.unlink()
     return summary
