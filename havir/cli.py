@@ -83,13 +83,14 @@ def synth_nsd(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a miniature NSD in the release layout, with a simulated brain that encodes the images."""
+    from havir.io import output_folder
     from havir.nsd.synth import synthesize_nsd
 
     try:
         subject_list = tuple(int(s) for s in subjects.split(","))
     except ValueError:
         raise ValueError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
-    with stderr_console.status("writing the synthetic NSD"):
+    with output_folder(out), stderr_console.status("writing the synthetic NSD"):
         truth = synthesize_nsd(
             out, subject_list, images, seed, image_side=image_side, sessions=sessions, betas_format=betas_format
         )

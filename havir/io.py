@@ -263,8 +263,11 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except FileNotFoundError:
             pass
         os.close(descriptor)
-    os.ftruncate(descriptor, 0)
-    os.write(descriptor, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(descriptor, 0)
+        os.write(descriptor, f"{os.getpid()}\n".encode())
+    except OSError:  # the pid is only for the message; a full disk is reported by the writes
+        pass
     _held[key] = [descriptor, 1]
     try:
         yield
