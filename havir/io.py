@@ -35,6 +35,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rich.filesize import decimal
+
 from havir.errors import DiskFullError, FolderBusyError
 
 #: Prefix of a temporary output (file or folder): ``.partial-<pid>-<final name>``.
@@ -76,22 +78,19 @@ def is_disk_full(err: BaseException) -> bool:
     return any(text in str(err) for text in _FULL_DISK_TEXT)
 
 
-def _size(n_bytes: float) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if abs(n_bytes) < 1000 or unit == "GB":
-            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
-        n_bytes /= 1000
-    raise AssertionError("unreachable")
+def _free_bytes(folder: Path) -> int:
+    """Free bytes on the disk that holds (or will hold) ``folder``."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
+    return shutil.disk_usage(existing).free
 
 
 def disk_full(folder: Path, needed: int | None = None) -> DiskFullError:
     """The one-line error for a full disk under ``folder`` (``needed``: bytes, where known)."""
     folder = Path(folder)
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
-    free = _size(shutil.disk_usage(existing).free)
-    need = f", about {_size(needed)} needed" if needed else ""
+    need = f", about {decimal(needed)} needed" if needed else ""
     return DiskFullError(
-        f"the disk holding {folder} is full ({free} free{need}): free some space or write to another folder"
+        f"the disk holding {folder} is full ({decimal(_free_bytes(folder))} free{need}): "
+        "free some space or write to another folder"
     )
 
 
@@ -100,9 +99,7 @@ def check_free_space(folder: Path, needed: int) -> None:
 
     Checked before a long write, so a full disk stops the command at once instead of after hours.
     """
-    folder = Path(folder)
-    existing = next((p for p in (folder, *folder.parents) if p.exists()), Path("."))
-    if shutil.disk_usage(existing).free < needed:
+    if _free_bytes(Path(folder)) < needed:
         raise disk_full(folder, needed)
 
 

@@ -154,7 +154,7 @@ def test_full_disk_in_prepare_is_found_before_the_work(small_nsd, tmp_path, run_
     monkeypatch.setattr(havir.io.shutil, "disk_usage", lambda path: shutil_usage(free=1000))
     status, _, stderr = run_cli("prepare", "--nsd-root", root, "--subject", 1, "--out", tmp_path / "data", "--json")
     _one_line_disk_full(status, stderr, tmp_path / "data")
-    assert "(1.0 KB free, about" in stderr and "MB needed)" in stderr
+    assert "(1.0 kB free, about" in stderr and "MB needed)" in stderr
 
 
 def shutil_usage(free: int):
