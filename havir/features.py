@@ -256,7 +256,7 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
                     h5["clip_image"][rows] = image_tokens
                     h5["clip_text"][rows] = text_mean
                     written += rows
-            if launch.is_main_process:
+            if launch.is_main_process and written:
                 flush_h5(h5)  # the rows reach the file before they are marked done
                 h5["done"][sorted(written)] = True
                 flush_h5(h5)

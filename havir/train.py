@@ -42,6 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from havir.devices import resolve_device
 from havir.distributed import Shard, batch_shard, processes
+from havir.errors import InvalidInputError
 from havir.features import FEATURES_FORMAT, features_path
 from havir.io import atomic_path, output_folder, write_json
 from havir.losses import info_nce, semantic_loss, structural_loss
@@ -536,6 +537,11 @@ def _save_checkpoint(folder: Path, structural, semantic, optimizer, schedule, st
 def _load_checkpoint(folder: Path, structural, semantic, optimizer, schedule, device: torch.device) -> dict:
     """Load a checkpoint written by :func:`_save_checkpoint` into the models, optimiser and
     schedule; returns its training state."""
+    if not (folder / "optimizer.safetensors").is_file():
+        raise InvalidInputError(
+            f"{folder} is a checkpoint of an older HAVIR (pickled optimiser state, no longer read): "
+            "delete it to train this run again from the start, or finish it with the HAVIR that wrote it"
+        )
     structural.load_state_dict(load_file(folder / "structural.safetensors", device=str(device)))
     semantic.load_state_dict(load_file(folder / "semantic.safetensors", device=str(device)))
     tensors = load_file(folder / "optimizer.safetensors", device=str(device))

@@ -264,3 +264,16 @@ def test_a_run_folder_with_pickled_weights_is_not_unpickled(trainable, tmp_path,
     monkeypatch.setattr(torch, "load", unpickle)
     with pytest.raises(OSError, match="safetensors"):
         predict_test_set(run, torch.device("cpu"))
+
+
+def test_a_pickled_checkpoint_of_an_older_havir_is_refused_not_loaded(trainable, tmp_path, monkeypatch):
+    import torch
+
+    run = tmp_path / "run"
+    config = dataclasses.replace(TINY, epochs=1)
+    havir.train.train_subject(trainable[0], 1, run, config=config, device="cpu", progress=False)
+    (run / "checkpoint/optimizer.safetensors").unlink()
+    torch.save({"state": {}, "param_groups": []}, run / "checkpoint/optimizer.pt")
+    monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a checkpoint was unpickled"))
+    with pytest.raises(ValueError, match=r"checkpoint of an older HAVIR .* delete it"):
+        havir.train.train_subject(trainable[0], 1, run, config=config, device="cpu", progress=False)
