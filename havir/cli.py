@@ -90,7 +90,7 @@ def synth_nsd(
         subject_list = tuple(int(s) for s in subjects.split(","))
     except ValueError:
         raise ValueError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
-    with output_folder(out), stderr_console.status("writing the synthetic NSD"):
+    with output_folder(out, recursive=True), stderr_console.status("writing the synthetic NSD"):
         truth = synthesize_nsd(
             out, subject_list, images, seed, image_side=image_side, sessions=sessions, betas_format=betas_format
         )

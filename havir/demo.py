@@ -58,7 +58,7 @@ def run_demo(
     from havir.reconstruct import SamplerSettings, reconstruct_run
     from havir.train import TrainConfig, train_subject
 
-    with output_folder(Path(out)) as out:
+    with output_folder(Path(out), recursive=True) as out:
         nsd, data, run, recon = out / "nsd", out / "data", out / "run", out / "recon"
         stages = 6 + 2 * len(MODES)
         started, step = time.perf_counter(), iter(range(1, stages + 1))

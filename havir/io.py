@@ -198,9 +198,9 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temporaries(folder: Path) -> list[Path]:
-    """Delete temporaries left in ``folder`` (and below) by processes that are dead, or by this
-    one before it took the folder's lock; returns them.
+def remove_stale_temporaries(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """Delete temporaries left in ``folder`` (and, ``recursive``, below) by processes that are
+    dead, or by this one before it took the folder's lock; returns them.
 
     A ``.replaced-`` folder means a folder swap was cut between its renames: when the new folder
     is in place the old one is deleted, otherwise the old one is put back.
@@ -218,7 +218,7 @@ def remove_stale_temporaries(folder: Path) -> list[Path]:
             else:
                 _remove(stale)
                 removed.append(stale)
-        folders[:] = [name for name in folders if (Path(parent) / name).exists()]
+        folders[:] = [name for name in folders if recursive and (Path(parent) / name).exists()]
     return removed
 
 
@@ -275,8 +275,9 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 @contextmanager
-def output_folder(folder: Path, *, lock: bool = True) -> Iterator[Path]:
-    """The folder one command writes: created, locked, cleared of stale temporaries.
+def output_folder(folder: Path, *, lock: bool = True, recursive: bool = False) -> Iterator[Path]:
+    """The folder one command writes: created, locked, cleared of stale temporaries (in its
+    subfolders too with ``recursive``, for commands that write a tree: ``synth-nsd``, ``demo``).
 
     A full disk inside the block is raised as :class:`DiskFullError` naming ``folder``. A folder
     this call created and the command left empty (it failed early) is removed, so a failed
@@ -292,7 +293,7 @@ def output_folder(folder: Path, *, lock: bool = True) -> Iterator[Path]:
                 yield folder
             return
         with folder_lock(folder):
-            remove_stale_temporaries(folder)
+            remove_stale_temporaries(folder, recursive=recursive)
             with reporting_full_disk(folder):
                 yield folder
     finally:

@@ -47,7 +47,9 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_a_cut_swap_is_undon
     (tmp_path / f"run/.replaced-{DEAD_PID}-structural").mkdir()  # swap cut before the new one arrived
     (tmp_path / "run/.replaced-{0}-semantic".format(DEAD_PID)).mkdir()  # cut after it arrived
     (tmp_path / "run/semantic").mkdir()
-    removed = remove_stale_temporaries(tmp_path)
+    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [f".partial-{DEAD_PID}-3.png"]  # this folder only
+    (tmp_path / f".partial-{DEAD_PID}-3.png").write_bytes(b"half an image")
+    removed = remove_stale_temporaries(tmp_path, recursive=True)
     assert sorted(p.name for p in removed) == sorted([f".partial-{DEAD_PID}-3.png", f".partial-{DEAD_PID}-checkpoint",
                                                      f".replaced-{DEAD_PID}-semantic"])
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["semantic", "structural"]
