@@ -172,7 +172,7 @@ def compute_features(
 
     launch = processes()
     row_bytes = 2 * (int(np.prod(latent_shape)) + (n_image_tokens + TEXT_TOKENS) * dim)  # float16
-    with output_folder(Path(data), lock=launch.is_main_process):
+    with output_folder(Path(data), lock=launch.is_main_process, scope=f"subj{subject:02d}"):
         try:
             resumed = _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size,
                                    latent_shape, n_image_tokens, row_bytes, progress)

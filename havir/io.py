@@ -43,7 +43,8 @@ from havir.errors import DiskFullError, FolderBusyError
 TEMPORARY_PREFIX = ".partial-"
 #: Prefix of an old folder while a new one takes its place: ``.replaced-<pid>-<name>``.
 REPLACED_PREFIX = ".replaced-"
-#: The advisory lock file inside an output folder (removed when the writer ends).
+#: The advisory lock file inside an output folder (removed when the writer ends); a lock of one
+#: subject's files adds ``-subjXX``.
 LOCK_NAME = ".havir-lock"
 _STALE = re.compile(rf"^({re.escape(TEMPORARY_PREFIX)}|{re.escape(REPLACED_PREFIX)})(\d+)-(.+)$")
 # How libraries that bypass Python's OSError (HDF5, safetensors' Rust writer) report a full disk.
@@ -207,6 +208,9 @@ def remove_stale_temporaries(folder: Path, *, recursive: bool = False) -> list[P
     """
     removed = []
     for parent, folders, files in os.walk(folder):
+        for name in files:
+            if name.startswith(LOCK_NAME) and _remove_if_unlocked(Path(parent) / name):
+                removed.append(Path(parent) / name)
         for name in folders + files:
             match = _STALE.match(name)
             pid = int(match.group(2)) if match else 0
@@ -222,19 +226,41 @@ def remove_stale_temporaries(folder: Path, *, recursive: bool = False) -> list[P
     return removed
 
 
+def _remove_if_unlocked(lock_path: Path) -> bool:
+    """Delete a lock file that no process holds (its holder was killed); True if deleted."""
+    if lock_path.resolve() in _held:
+        return False
+    try:
+        descriptor = os.open(lock_path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    else:  # a process that opened it before this unlink sees another inode in place and retries
+        lock_path.unlink(missing_ok=True)
+        return True
+    finally:
+        os.close(descriptor)
+
+
 # --- One writer per folder ---------------------------------------------------------------------
 
-_held: dict[Path, list] = {}  # folder -> [lock file descriptor, depth]: re-entrant within a process
+_held: dict[Path, list] = {}  # lock file -> [its descriptor, depth]: re-entrant within a process
 
 
 @contextmanager
-def folder_lock(folder: Path) -> Iterator[None]:
-    """Hold the advisory lock of ``folder`` (which must exist) for the block.
+def folder_lock(folder: Path, scope: str | None = None) -> Iterator[None]:
+    """Hold the advisory lock of ``folder`` (which must exist) for the block; with ``scope``
+    (``"subj01"``), only the lock of that part of the folder's files.
 
     Another process holding it raises :class:`FolderBusyError` at once. The lock file holds the
     holder's pid (for the message) and is deleted on release.
     """
-    key = Path(folder).resolve()
+    lock_path = Path(folder).resolve() / (f"{LOCK_NAME}-{scope}" if scope else LOCK_NAME)
+    what = f"{scope}'s files in {folder} are" if scope else f"{folder} is"
+    key = lock_path
     if key in _held:
         _held[key][1] += 1
         try:
@@ -242,7 +268,6 @@ def folder_lock(folder: Path) -> Iterator[None]:
         finally:
             _held[key][1] -= 1
         return
-    lock_path = key / LOCK_NAME
     while True:
         descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -251,7 +276,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
             holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
             os.close(descriptor)
             raise FolderBusyError(
-                f"{folder} is being written by another havir process (pid {holder}): wait for it to "
+                f"{what} being written by another havir process (pid {holder}): wait for it to "
                 "finish or choose another output folder"
             ) from None
         try:  # the holder before us may have deleted the file we locked: lock the one in place
@@ -275,9 +300,11 @@ def folder_lock(folder: Path) -> Iterator[None]:
 
 
 @contextmanager
-def output_folder(folder: Path, *, lock: bool = True, recursive: bool = False) -> Iterator[Path]:
+def output_folder(folder: Path, *, lock: bool = True, scope: str | None = None, recursive: bool = False) -> Iterator[Path]:
     """The folder one command writes: created, locked, cleared of stale temporaries (in its
     subfolders too with ``recursive``, for commands that write a tree: ``synth-nsd``, ``demo``).
+    ``scope`` locks only one subject's files (``"subj01"``): ``prepare`` and ``features`` of
+    several subjects may share a data folder.
 
     A full disk inside the block is raised as :class:`DiskFullError` naming ``folder``. A folder
     this call created and the command left empty (it failed early) is removed, so a failed
@@ -292,7 +319,7 @@ def output_folder(folder: Path, *, lock: bool = True, recursive: bool = False) -
             with reporting_full_disk(folder):
                 yield folder
             return
-        with folder_lock(folder):
+        with folder_lock(folder, scope):
             remove_stale_temporaries(folder, recursive=recursive)
             with reporting_full_disk(folder):
                 yield folder

@@ -310,7 +310,7 @@ def prepare_subject(
     stem = f"subj{subject:02d}"
     test_ids = np.unique(trials.nsd_id[trials.is_test])
     fingerprint = _fingerprint(subject, files, mask_definition.sha256(), captions_dir or layout.annotations_dir)
-    with output_folder(Path(out)) as out:
+    with output_folder(Path(out), scope=stem) as out:  # subjects may be prepared side by side
         h5_path, record_path = out / f"{stem}.h5", out / f"{stem}.json"
         # Sessions stream into a raw file that survives an interruption: run the same command
         # again and it continues after the last finished session.

@@ -81,7 +81,7 @@ def assert_same_hdf5(expected: Path, actual: Path) -> None:
 
 def assert_no_temporaries(folder: Path) -> None:
     left = [p for p in Path(folder).rglob("*")
-            if p.name.startswith((TEMPORARY_PREFIX, REPLACED_PREFIX, ".havir-write-test")) or p.name == LOCK_NAME
+            if p.name.startswith((TEMPORARY_PREFIX, REPLACED_PREFIX, ".havir-write-test")) or p.name.startswith(LOCK_NAME)
             or p.name.endswith(".partial")]
     assert not left, f"temporary files left behind: {left}"
 

@@ -47,7 +47,8 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_a_cut_swap_is_undon
     (tmp_path / f"run/.replaced-{DEAD_PID}-structural").mkdir()  # swap cut before the new one arrived
     (tmp_path / "run/.replaced-{0}-semantic".format(DEAD_PID)).mkdir()  # cut after it arrived
     (tmp_path / "run/semantic").mkdir()
-    assert [p.name for p in remove_stale_temporaries(tmp_path)] == [f".partial-{DEAD_PID}-3.png"]  # this folder only
+    (tmp_path / ".havir-lock-subj09").write_text(f"{DEAD_PID}\n")  # a killed writer's lock, held by no one
+    assert sorted(p.name for p in remove_stale_temporaries(tmp_path)) == [".havir-lock-subj09", f".partial-{DEAD_PID}-3.png"]  # this folder only
     (tmp_path / f".partial-{DEAD_PID}-3.png").write_bytes(b"half an image")
     removed = remove_stale_temporaries(tmp_path, recursive=True)
     assert sorted(p.name for p in removed) == sorted([f".partial-{DEAD_PID}-3.png", f".partial-{DEAD_PID}-checkpoint",
@@ -57,11 +58,12 @@ def test_stale_temporaries_of_dead_processes_are_removed_and_a_cut_swap_is_undon
 
 
 @contextlib.contextmanager
-def locked_elsewhere(folder):
-    """Another process holds ``folder``'s lock for the block; yields its pid."""
+def locked_elsewhere(folder, scope=""):
+    """Another process holds ``folder``'s lock (or its ``scope`` lock) for the block; yields its pid."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys, time; from havir.io import output_folder\n"
-         "with output_folder(sys.argv[1]):\n    print('locked', flush=True); time.sleep(60)", str(folder)],
+         "with output_folder(sys.argv[1], scope=sys.argv[2] or None):\n    print('locked', flush=True); time.sleep(60)",
+         str(folder), scope],
         stdout=subprocess.PIPE, text=True, env=os.environ | {"PYTHONPATH": os.getcwd()},
     )
     try:
@@ -92,6 +94,19 @@ def test_two_train_runs_into_one_folder(trainable, tmp_path, run_cli):
     assert status == 2
     assert stderr.count("\n") == 1 and "is being written by another havir process" in stderr
     assert not (run / "run.json").exists()
+
+
+def test_prepare_locks_one_subjects_files_only(small_nsd, tmp_path, run_cli):
+    root, _ = small_nsd
+    data = tmp_path / "data"
+    data.mkdir()
+    with locked_elsewhere(data, "subj01"):
+        status, _, stderr = run_cli("prepare", "--nsd-root", root, "--subject", 1, "--out", data, "--json")
+        assert status == 2 and f"subj01's files in {data} are being written by another havir process" in stderr
+    with locked_elsewhere(data, "subj04"):  # another subject prepared into the same folder: no conflict
+        status, _, stderr = run_cli("prepare", "--nsd-root", root, "--subject", 1, "--out", data, "--json")
+        assert status == 0, stderr
+        assert sorted(p.name for p in data.iterdir()) == [".havir-lock-subj04", "subj01.h5", "subj01.json"]
 
 
 def test_a_failed_start_does_not_block_the_corrected_rerun(trainable, tmp_path, monkeypatch):
