@@ -43,12 +43,15 @@ from diffusers.image_processor import VaeImageProcessor
 import havir
 from havir.devices import resolve_device, resolve_dtype
 from havir.distributed import processes
+from havir.errors import InvalidInputError
 from havir.features import encode_clip_images, encode_clip_texts, features_path
 from havir.io import atomic_path, output_folder, write_json
 from havir.models.compat import set_text_share
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 
 MODES = ("fused", "structural", "semantic")
+#: Written first into a reconstruction folder: what its PNGs are made with (checked on resume).
+MADE_WITH = ".havir-reconstruct.json"
 #: Schedulers the sampler can use, each built from the model's own scheduler config.
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -205,7 +208,11 @@ def reconstruct(
     # rounding), so its PNGs are bit-identical; a batch with any image missing runs whole.
     batches = [order[start : start + batch_size].tolist() for start in range(0, len(order), batch_size)]
     unconditional = unconditional_embeddings(vd)
+    made_with = {"mode": mode, "settings": asdict(settings), "vd": vd.source} | (provenance or {})
     with output_folder(Path(out), lock=launch.is_main_process) as out:
+        _check_made_with(out, made_with)
+        if launch.is_main_process:
+            write_json(out / MADE_WITH, made_with)
         missing = {i for i in order.tolist() if not (out / f"{int(nsd_ids[i])}.png").exists()}
         launch.wait_for_everyone()  # every process has listed the images to do before any is written
         started = time.perf_counter()
@@ -230,6 +237,21 @@ def reconstruct(
         "images_per_second": round(len(missing) / seconds, 3) if missing and seconds > 0 else None,
         "output": str(out),
     }
+
+
+def _check_made_with(out: Path, made_with: dict) -> None:
+    """Refuse to add images to a folder whose PNGs were made with other settings (the kept PNGs
+    and the new ones would be mixed under one manifest)."""
+    record = next((p for p in (out / MADE_WITH, out / "manifest.json") if p.is_file()), None)
+    if record is None or not any(out.glob("*.png")):
+        return
+    held = json.loads(record.read_text())
+    differs = sorted(key for key in made_with if key in held and held[key] != made_with[key])
+    if differs:
+        raise InvalidInputError(
+            f"{out} holds reconstructions made with another {', '.join(differs)}: choose another --out, "
+            "or delete its PNGs to make them again"
+        )
 
 
 def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[str, torch.Tensor], dict]:

@@ -272,7 +272,7 @@ def test_reconstruct_stopped_at_any_commit_resumes_to_identical_pngs(tiny_vd, fi
     counter = _StopAtCommit(monkeypatch, tmp_path / "whole")
     reconstruct(tiny_vd, predicted, ids, tmp_path / "whole", settings=settings, batch_size=2)
     monkeypatch.undo()
-    assert counter.calls == 6  # five PNGs and the manifest
+    assert counter.calls == 7  # the settings record, five PNGs and the manifest
     for stop_at in (2, 4, 6):
         out = tmp_path / f"stopped-{stop_at}"
         _StopAtCommit(monkeypatch, out, stop_at)

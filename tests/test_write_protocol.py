@@ -294,3 +294,23 @@ def test_a_pickled_checkpoint_of_an_older_havir_is_refused_not_loaded(trainable,
     monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a checkpoint was unpickled"))
     with pytest.raises(ValueError, match=r"checkpoint of an older HAVIR .* delete it"):
         havir.train.train_subject(trainable[0], 1, run, config=config, device="cpu", progress=False)
+
+
+def test_reconstructions_with_other_settings_are_not_mixed_into_a_folder(tmp_path):
+    import numpy as np
+    import torch
+
+    from havir.models.versatile import build_random
+    from havir.reconstruct import SamplerSettings, reconstruct
+
+    tiny = build_random("tiny", seed=0)
+    side = tiny.image_side // 8
+    predicted = {"vae_latents": torch.zeros(2, 4, side, side), "clip_image": torch.zeros(2, 257, 32),
+                 "clip_text": torch.zeros(2, 77, 32)}
+    ids = np.array([3, 5])
+    reconstruct(tiny, predicted, ids, tmp_path, mode="structural", settings=SamplerSettings(steps=2), limit=1)
+    (tmp_path / "manifest.json").unlink()  # as after a kill: PNGs, no manifest
+    with pytest.raises(ValueError, match=rf"{tmp_path} holds reconstructions made with another mode, settings: choose another --out"):
+        reconstruct(tiny, predicted, ids, tmp_path, mode="fused", settings=SamplerSettings(steps=3))
+    summary = reconstruct(tiny, predicted, ids, tmp_path, mode="structural", settings=SamplerSettings(steps=2), batch_size=1)
+    assert summary["reconstructed"] == 1  # the same settings resume, whatever the batch size and limit
