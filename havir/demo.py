@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from havir.io import ensure_output_dir, output_folder, write_json
+from havir.io import ensure_output_dir, writes_folder, write_json
 from havir.progress import stderr_console
 
 MODES = ("structural", "fused", "semantic")
@@ -33,6 +33,7 @@ DEMO_NOTES = (
 )
 
 
+@writes_folder("out", recursive=True)  # locked, and cleaned of what a killed demo left
 def run_demo(
     out: Path,
     *,
@@ -58,53 +59,53 @@ def run_demo(
     from havir.reconstruct import SamplerSettings, reconstruct_run
     from havir.train import TrainConfig, train_subject
 
-    with output_folder(Path(out), recursive=True) as out:
-        nsd, data, run, recon = out / "nsd", out / "data", out / "run", out / "recon"
-        stages = 6 + 2 * len(MODES)
-        started, step = time.perf_counter(), iter(range(1, stages + 1))
+    out = ensure_output_dir(Path(out))
+    nsd, data, run, recon = out / "nsd", out / "data", out / "run", out / "recon"
+    stages = 6 + 2 * len(MODES)
+    started, step = time.perf_counter(), iter(range(1, stages + 1))
 
-        def stage(text: str) -> None:
-            if progress:
-                stderr_console.print(f"[{next(step)}/{stages}] {text}  ({time.perf_counter() - started:.0f} s)", highlight=False)
+    def stage(text: str) -> None:
+        if progress:
+            stderr_console.print(f"[{next(step)}/{stages}] {text}  ({time.perf_counter() - started:.0f} s)", highlight=False)
 
-        stage("writing a synthetic NSD release")
-        synthesize_nsd(nsd, (1,), images, seed)
-        stage("building the structural and semantic masks")
-        layout = NSDLayout(nsd)
-        masks = build_masks(layout, 1, definition_for(1))
-        save_masks(masks, ensure_output_dir(out / "masks"))
-        plot_masks(masks, layout, out / "masks" / "subj01.png")
-        stage("preparing subject 1 (mask, normalise, split)")
-        prepared = prepare_subject(nsd, 1, data, progress=progress)
-        stage("computing VAE latents and CLIP embeddings (demo Versatile Diffusion)")
-        compute_features(data, 1, model="demo", device=device, seed=seed, progress=progress)
-        stage("training the Structural Generator and the Semantic Extractor")
-        config = TrainConfig(preset="tiny", epochs=epochs, batch_size=32, learning_rate=1e-3, seed=seed)
-        trained = train_subject(data, 1, run, config=config, device=device, progress=progress)
-        settings = SamplerSettings(steps=fused_steps, seed=seed)
-        for mode in MODES:
-            stage(f"reconstructing the test images ({mode})")
-            reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device)
-        stage("loading the evaluation networks (stand-in only, unless protocol weights are cached)")
-        networks, skipped = load_networks(skip_missing=True, standin=True)
-        evaluations = {}
-        for mode in ("structural", "semantic", "fused"):  # fused last: its report lists the others
-            stage(f"evaluating the {mode} reconstructions")
-            evaluations[mode] = evaluate_folder(
-                recon / mode, data, 1, networks=networks, skipped=skipped, device=device,
-                report=mode == "fused", notes=DEMO_NOTES + _mode_lines(evaluations), progress=False,
-            )
-        summary = {
-            "output": str(out),
-            "report": str(evaluations["fused"].outputs["report"]),
-            "test_images": prepared["test_images"],
-            "train_seconds": trained.get("train_seconds"),
-            "modes": {mode: {name: round(s.mean, 4) for name, s in e.scores.items()} for mode, e in evaluations.items()},
-            "skipped": evaluations["fused"].skipped,
-            "seconds": round(time.perf_counter() - started, 1),
-        }
-        write_json(out / "demo.json", summary)
-        return summary
+    stage("writing a synthetic NSD release")
+    synthesize_nsd(nsd, (1,), images, seed)
+    stage("building the structural and semantic masks")
+    layout = NSDLayout(nsd)
+    masks = build_masks(layout, 1, definition_for(1))
+    save_masks(masks, ensure_output_dir(out / "masks"))
+    plot_masks(masks, layout, out / "masks" / "subj01.png")
+    stage("preparing subject 1 (mask, normalise, split)")
+    prepared = prepare_subject(nsd, 1, data, progress=progress)
+    stage("computing VAE latents and CLIP embeddings (demo Versatile Diffusion)")
+    compute_features(data, 1, model="demo", device=device, seed=seed, progress=progress)
+    stage("training the Structural Generator and the Semantic Extractor")
+    config = TrainConfig(preset="tiny", epochs=epochs, batch_size=32, learning_rate=1e-3, seed=seed)
+    trained = train_subject(data, 1, run, config=config, device=device, progress=progress)
+    settings = SamplerSettings(steps=fused_steps, seed=seed)
+    for mode in MODES:
+        stage(f"reconstructing the test images ({mode})")
+        reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device)
+    stage("loading the evaluation networks (stand-in only, unless protocol weights are cached)")
+    networks, skipped = load_networks(skip_missing=True, standin=True)
+    evaluations = {}
+    for mode in ("structural", "semantic", "fused"):  # fused last: its report lists the others
+        stage(f"evaluating the {mode} reconstructions")
+        evaluations[mode] = evaluate_folder(
+            recon / mode, data, 1, networks=networks, skipped=skipped, device=device,
+            report=mode == "fused", notes=DEMO_NOTES + _mode_lines(evaluations), progress=False,
+        )
+    summary = {
+        "output": str(out),
+        "report": str(evaluations["fused"].outputs["report"]),
+        "test_images": prepared["test_images"],
+        "train_seconds": trained.get("train_seconds"),
+        "modes": {mode: {name: round(s.mean, 4) for name, s in e.scores.items()} for mode, e in evaluations.items()},
+        "skipped": evaluations["fused"].skipped,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    write_json(out / "demo.json", summary)
+    return summary
 
 
 def _mode_lines(evaluations: dict) -> tuple[str, ...]:

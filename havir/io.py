@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
+import inspect
 import io
 import json
 import os
@@ -29,7 +31,7 @@ import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
@@ -326,6 +328,23 @@ def output_folder(folder: Path, *, lock: bool = True, scope: str | None = None, 
     finally:
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def writes_folder(argument: str, **options) -> Callable:
+    """Decorate a function that writes the folder passed as ``argument``: each call runs inside
+    :func:`output_folder` of it (``options`` are that function's)."""
+
+    def decorate(function: Callable) -> Callable:
+        signature = inspect.signature(function)
+
+        @functools.wraps(function)
+        def wrapped(*args, **kwargs):
+            with output_folder(Path(signature.bind(*args, **kwargs).arguments[argument]), **options):
+                return function(*args, **kwargs)
+
+        return wrapped
+
+    return decorate
 
 
 # --- HDF5 ---------------------------------------------------------------------------------------
