@@ -217,14 +217,19 @@ def reconstruct(
         launch.wait_for_everyone()  # every process has listed the images to do before any is written
         started = time.perf_counter()
         todo = [rows for rows in batches if missing.intersection(rows)]
-        for rows in todo[launch.process_index :: launch.num_processes]:
-            images = reconstruct_batch(
-                vd, mode, settings, nsd_ids[rows],
-                *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
-                unconditional,
-            )
-            kept = [k for k, row in enumerate(rows) if row in missing]
-            write_images(out, nsd_ids[rows][kept], images[kept])
+        try:
+            for rows in todo[launch.process_index :: launch.num_processes]:
+                images = reconstruct_batch(
+                    vd, mode, settings, nsd_ids[rows],
+                    *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
+                    unconditional,
+                )
+                kept = [k for k, row in enumerate(rows) if row in missing]
+                write_images(out, nsd_ids[rows][kept], images[kept])
+        except BaseException:
+            if launch.is_main_process and not any(out.glob("*.png")):  # nothing made: leave nothing
+                (out / MADE_WITH).unlink(missing_ok=True)
+            raise
         launch.wait_for_everyone()
         seconds = time.perf_counter() - started
         if launch.is_main_process:

@@ -279,6 +279,7 @@ def test_reconstruct_stopped_at_any_commit_resumes_to_identical_pngs(tiny_vd, fi
         with pytest.raises(KeyboardInterrupt):
             reconstruct(tiny_vd, predicted, ids, out, settings=settings, batch_size=2)
         monkeypatch.undo()
+        out.mkdir(exist_ok=True)  # (a stop before the first image leaves no folder)
         (out / f".partial-{2**22 + 1}-17.png").write_bytes(b"what a killed run left")
         reconstruct(tiny_vd, predicted, ids, out, settings=settings, batch_size=2)
         _same_files(tmp_path / "whole", out)

@@ -314,3 +314,20 @@ def test_reconstructions_with_other_settings_are_not_mixed_into_a_folder(tmp_pat
         reconstruct(tiny, predicted, ids, tmp_path, mode="fused", settings=SamplerSettings(steps=3))
     summary = reconstruct(tiny, predicted, ids, tmp_path, mode="structural", settings=SamplerSettings(steps=2), batch_size=1)
     assert summary["reconstructed"] == 1  # the same settings resume, whatever the batch size and limit
+
+
+def test_a_reconstruction_that_fails_before_its_first_image_leaves_no_folder(tmp_path, monkeypatch):
+    import numpy as np
+    import torch
+
+    import havir.reconstruct
+    from havir.models.versatile import build_random
+
+    tiny = build_random("tiny", seed=0)
+    side = tiny.image_side // 8
+    predicted = {"vae_latents": torch.zeros(1, 4, side, side), "clip_image": torch.zeros(1, 257, 32),
+                 "clip_text": torch.zeros(1, 77, 32)}
+    monkeypatch.setattr(havir.reconstruct, "decode", lambda *a: (_ for _ in ()).throw(MemoryError("out of memory")))
+    with pytest.raises(MemoryError):
+        havir.reconstruct.reconstruct(tiny, predicted, np.array([3]), tmp_path / "recon", mode="structural")
+    assert not (tmp_path / "recon").exists()
