@@ -141,8 +141,6 @@ def _same_safetensors(expected: Path, actual: Path) -> None:
 def test_train_stopped_at_commits_resumes_to_the_same_weights(trainable, tmp_path, monkeypatch):
     """Issue 12, item 2: weights, optimiser and schedule written before the state file made the
     rerun replay an epoch from later weights, then fail for good ("Tried to step ...")."""
-    import dataclasses
-
     from havir.train import TrainConfig, train_subject
 
     data, _ = trainable
@@ -169,7 +167,6 @@ def test_train_stopped_at_commits_resumes_to_the_same_weights(trainable, tmp_pat
         assert epochs(run) == [1, 2], stop_at
         assert not list(run.glob("checkpoint/*.pt")), "optimiser state pickled"
         assert_no_temporaries(run)
-    assert dataclasses.asdict(config)  # the same settings throughout
 
 
 @pytest.fixture

@@ -200,8 +200,7 @@ def test_full_disk_in_features(small_nsd, tmp_path, run_cli, monkeypatch, failin
 def test_full_disk_in_train(trainable, tmp_path, run_cli, monkeypatch):
     config = tmp_path / "tiny.toml"
     config.write_text('preset = "tiny"\nepochs = 1\nbatch_size = 64\n')
-    original = havir.train.save_file
-    monkeypatch.setattr(havir.train, "save_file", lambda *a, **k: original(*a, **k) if False else _safetensors_full())
+    monkeypatch.setattr(havir.train, "save_file", lambda *args, **kwargs: _safetensors_full())
     status, _, stderr = run_cli("train", "--data", trainable[0], "--subject", 1, "--out", tmp_path / "run", "--config", config, "--json")
     _one_line_disk_full(status, stderr, tmp_path / "run")
     assert not any(p.name.startswith(".") for p in (tmp_path / "run").rglob("*")), "partial files left behind"
