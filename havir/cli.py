@@ -92,13 +92,14 @@ def synth_nsd(
     as_json: JsonOpt = False,
 ) -> None:
     """Write a miniature NSD in the release layout, with a simulated brain that encodes the images."""
+    from havir.io import output_folder
     from havir.nsd.synth import synthesize_nsd
 
     try:
         subject_list = tuple(int(s) for s in subjects.split(","))
     except ValueError:
         raise InvalidInputError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
-    with stderr_console.status("writing the synthetic NSD"):
+    with output_folder(out, recursive=True), stderr_console.status("writing the synthetic NSD"):
         truth = synthesize_nsd(
             out, subject_list, images, seed, image_side=image_side, sessions=sessions, betas_format=betas_format
         )
@@ -276,10 +277,14 @@ def eval_command(
 
     check_options(_EVAL_OPTIONS, batch_size=batch_size)
     resolve_device(device)  # a bad --device is refused before any image is read
-    evaluation = evaluate_folder(
-        recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
-        device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
-    )
+    from havir.io import output_folder
+
+    # Locked like every output folder (the evaluation reads RECON, which must exist, and writes OUT).
+    with output_folder(out or recon / "eval") if recon.is_dir() else contextlib.nullcontext():
+        evaluation = evaluate_folder(
+            recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
+            device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
+        )
     summary = evaluation.summary()
     if as_json:
         _emit(summary, as_json, "")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from havir.io import ensure_output_dir, write_json
+from havir.io import ensure_output_dir, output_folder, write_json
 from havir.progress import stderr_console
 from havir.reconstruct import SamplerSettings
 from havir.train import TrainConfig
@@ -62,6 +62,18 @@ def run_demo(
     schedule for the fused and semantic modes (strength 0.75 runs three quarters of them).
     """
     from havir.devices import resolve_device
+
+    # Every setting is checked before the first stage writes anything.
+    check_options(DEMO_OPTIONS, images=images, epochs=epochs, steps=fused_steps, seed=seed)
+    config = TrainConfig(preset="tiny", epochs=epochs, batch_size=32, learning_rate=1e-3, seed=seed)
+    settings = SamplerSettings(steps=fused_steps, seed=seed)
+    resolve_device(device)
+    with output_folder(Path(out), recursive=True) as out:  # locked, and cleaned of what a killed demo left
+        return _run_stages(out, config, settings, images=images, seed=seed, device=device, progress=progress)
+
+
+def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, images: int, seed: int, device: str, progress: bool) -> dict:
+    """Every stage of :func:`run_demo` into the checked and locked folder ``out``."""
     from havir.features import compute_features
     from havir.masks import build_masks, definition_for, plot_masks, save_masks
     from havir.metrics.evaluate import evaluate_folder, load_networks
@@ -71,12 +83,6 @@ def run_demo(
     from havir.reconstruct import reconstruct_run
     from havir.train import train_subject
 
-    # Every setting is checked before the first stage writes anything.
-    check_options(DEMO_OPTIONS, images=images, epochs=epochs, steps=fused_steps, seed=seed)
-    config = TrainConfig(preset="tiny", epochs=epochs, batch_size=32, learning_rate=1e-3, seed=seed)
-    settings = SamplerSettings(steps=fused_steps, seed=seed)
-    resolve_device(device)
-    out = ensure_output_dir(Path(out))
     nsd, data, run, recon = out / "nsd", out / "data", out / "run", out / "recon"
     stages = 6 + 2 * len(MODES)
     started, step = time.perf_counter(), iter(range(1, stages + 1))

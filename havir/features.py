@@ -35,14 +35,14 @@ from diffusers.image_processor import VaeImageProcessor
 from havir.devices import resolve_device, resolve_dtype
 from havir.distributed import processes
 from havir.errors import InvalidInputError
-from havir.io import atomic_path
+from havir.io import atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder
 from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.layout import check_subject
 from havir.nsd.stimuli import iter_stimuli
 from havir.prepare import FORMAT_VERSION as PREPARED_FORMAT
 from havir.prepare import reading_prepared
 from havir.progress import track
-from havir.validation import Interval, Rule, check_options, read_json, reading_hdf5
+from havir.validation import Interval, Rule, check_options, read_json
 
 FEATURES_FORMAT = 1
 
@@ -174,11 +174,8 @@ def compute_features(
     settings = FeatureSettings(model=str(model), dtype=str(torch_dtype).removeprefix("torch."), seed=seed)
     final = features_path(data, subject)
     partial = final.with_name(final.name + ".partial")
-    if final.is_file():
-        with reading_hdf5(final, what="features cache", fix="delete it and run `havir features` again") as h5:
-            cached = h5.attrs.get("settings") == json.dumps(settings.__dict__) and np.array_equal(h5["nsd_id"][()], nsd_ids)
-        if cached:
-            return _summary(subject, nsd_ids, len(nsd_ids), settings, torch_device, final, started)
+    if final.is_file() and _cached(final, settings, nsd_ids):
+        return _summary(subject, nsd_ids, len(nsd_ids), settings, torch_device, final, started)
     vd = load_versatile_diffusion(model, device=torch_device, dtype=torch_dtype, seed=seed)
     latent_side = vd.image_side // 2 ** (len(vd.vae.config.block_out_channels) - 1)
     latent_shape = (vd.vae.config.latent_channels, latent_side, latent_side)
@@ -186,22 +183,75 @@ def compute_features(
     n_image_tokens = (vd.image_encoder.config.image_size // vd.image_encoder.config.patch_size) ** 2 + 1
 
     launch = processes()
-    # The main process alone opens (and writes) the cache; the others send it their batches.
-    with h5py.File(partial, "a") if launch.is_main_process else contextlib.nullcontext() as h5:
-        todo = None
+    row_bytes = 2 * (int(np.prod(latent_shape)) + (n_image_tokens + TEXT_TOKENS) * dim)  # float16
+    with output_folder(Path(data), lock=launch.is_main_process, scope=f"subj{subject:02d}"):
+        try:
+            resumed = _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size,
+                                   latent_shape, n_image_tokens, row_bytes, progress)
+        except Exception as err:
+            if is_disk_full(err):  # nothing to resume on a full disk: leave no partial file
+                partial.unlink(missing_ok=True)
+            raise
         if launch.is_main_process:
-            if h5.attrs.get("settings") != json.dumps(settings.__dict__) or not np.array_equal(h5.get("nsd_id", []), nsd_ids):
-                for name in list(h5):
-                    del h5[name]
+            with atomic_path(final) as temporary:
+                partial.replace(temporary)
+        launch.wait_for_everyone()
+    return _summary(subject, nsd_ids, resumed, settings, torch_device, final, started)
+
+
+def _cached(final: Path, settings: FeatureSettings, nsd_ids: np.ndarray) -> bool:
+    """Whether ``final`` already holds these features (a damaged file does not: it is recomputed)."""
+    try:
+        with h5py.File(final, "r") as h5:
+            return h5.attrs.get("settings") == json.dumps(settings.__dict__) and np.array_equal(h5["nsd_id"][()], nsd_ids)
+    except (OSError, KeyError):
+        return False
+
+
+def _resumable(partial: Path, settings: FeatureSettings, nsd_ids: np.ndarray) -> bool:
+    """Whether ``partial`` is an intact cache of these settings and images (else it is rebuilt).
+
+    Every chunk of the finished rows is read, so a file damaged by a kill (a bad signature, a
+    chunk that fails its checksum) is discarded instead of trusted.
+    """
+    try:
+        with h5py.File(partial, "r") as h5:
+            if h5.attrs.get("settings") != json.dumps(settings.__dict__) or not np.array_equal(h5["nsd_id"][()], nsd_ids):
+                return False
+            done = np.flatnonzero(h5["done"][()])
+            for name in ("vae_latents", "clip_image", "clip_text"):
+                for start in range(0, len(done), 64):
+                    h5[name][done[start : start + 64].tolist()]
+        return True
+    except (OSError, KeyError, ValueError):
+        return False
+
+
+def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size, latent_shape,
+                 n_image_tokens, row_bytes, progress) -> int:
+    """Encode every image not yet done into ``partial``; returns how many were already done.
+
+    The main process alone opens (and writes) the file; the others send it their batches.
+    """
+    launch = processes()
+    dim = vd.embedding_dim
+    todo = None
+    if launch.is_main_process:
+        if not _resumable(partial, settings, nsd_ids):
+            partial.unlink(missing_ok=True)
+        check_free_space(partial.parent, row_bytes * len(nsd_ids) - (partial.stat().st_size if partial.exists() else 0))
+    with open_h5(partial, "a", needed=row_bytes * len(nsd_ids)) if launch.is_main_process else contextlib.nullcontext() as h5:
+        if launch.is_main_process:
+            if "done" not in h5:
                 h5.attrs.update(settings=json.dumps(settings.__dict__), format_version=FEATURES_FORMAT, subject=subject)
                 h5["nsd_id"] = nsd_ids
-                h5.create_dataset("vae_latents", (len(nsd_ids), *latent_shape), np.float16, chunks=(1, *latent_shape))
-                h5.create_dataset("clip_image", (len(nsd_ids), n_image_tokens, dim), np.float16, chunks=(1, n_image_tokens, dim))
-                h5.create_dataset("clip_text", (len(nsd_ids), TEXT_TOKENS, dim), np.float16, chunks=(1, TEXT_TOKENS, dim))
+                # Checksummed chunks: a chunk damaged by a kill fails its read instead of returning garbage.
+                for name, shape in (("vae_latents", latent_shape), ("clip_image", (n_image_tokens, dim)),
+                                    ("clip_text", (TEXT_TOKENS, dim))):
+                    h5.create_dataset(name, (len(nsd_ids), *shape), np.float16, chunks=(1, *shape), fletcher32=True)
                 h5.create_dataset("done", (len(nsd_ids),), bool, fillvalue=False)
             todo = nsd_ids[~h5["done"][()]]
         todo = broadcast_object_list([todo])[0]
-        resumed = len(nsd_ids) - len(todo)
         # Each process encodes every N-th batch, exactly the batches one process would run (its
         # share is read as consecutive blocks of batch_size ids, all full but the very last).
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
@@ -210,20 +260,19 @@ def compute_features(
         for _ in track(range(rounds), f"subj{subject:02d}: features", total=rounds, enabled=progress and launch.is_main_process):
             block = next(share, None)  # None: this process has no batch in the last round
             encoded = [] if block is None else [_encode_batch(vd, *block, captions, batch_size)]
+            written = []
             for ids, latents, image_tokens, text_mean in gather_object(encoded):  # this round's batches, all processes'
                 if launch.is_main_process:
                     rows = np.searchsorted(nsd_ids, ids).tolist()  # ascending, as h5py's fancy indexing requires
                     h5["vae_latents"][rows] = latents
                     h5["clip_image"][rows] = image_tokens
                     h5["clip_text"][rows] = text_mean
-                    h5["done"][rows] = True
-            if launch.is_main_process:
-                h5.flush()
-    if launch.is_main_process:
-        with atomic_path(final) as temporary:
-            partial.replace(temporary)
-    launch.wait_for_everyone()
-    return _summary(subject, nsd_ids, resumed, settings, torch_device, final, started)
+                    written += rows
+            if launch.is_main_process and written:
+                flush_h5(h5)  # the rows reach the file before they are marked done
+                h5["done"][sorted(written)] = True
+                flush_h5(h5)
+    return len(nsd_ids) - len(todo)
 
 
 def _encode_batch(vd: VersatileDiffusion, ids: np.ndarray, images: np.ndarray, captions: dict[int, list[str]], batch_size: int):

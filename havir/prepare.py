@@ -6,10 +6,13 @@ label each trial with its image (``nsdId``), repetition and split (test iff the 
 the shared images); z-score every voxel with the mean and standard deviation of the *training*
 trials only; join each image's COCO captions; copy the test stimuli, for evaluation.
 
-Memory stays near one session's masked data: sessions stream into the output file, statistics
-are merged session by session, and the z-scoring is a second pass over the file in blocks. The
-file is built under a hidden ``.partial`` name; an interrupted run, started again with the same
-inputs, continues after the last finished session.
+Memory stays near one session's masked data: sessions stream, as read, into a hidden resumable
+file (``.subjXX.h5.partial``, checksummed chunks), statistics are merged session by session, and
+the z-scoring is a second pass, in blocks, from that file into the output under a temporary name.
+The raw file is never modified in place after its sessions are recorded, so a run killed at any
+point and started again with the same inputs continues after the last finished session and ends
+with the same arrays; the output and its record are committed by renames (see :mod:`havir.io`),
+the raw file deleted last.
 
 Output, ``OUT/subjXX.h5`` (``n`` = trials of a split, ``v`` = voxels of a set):
 
@@ -45,7 +48,7 @@ import numpy as np
 
 import havir
 from havir.errors import InvalidInputError
-from havir.io import ensure_output_dir, package_versions, write_json
+from havir.io import atomic_path, check_free_space, flush_h5, open_h5, output_folder, package_versions
 from havir.masks import build_masks, definition_for
 from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
 from havir.nsd.design import load_design, subject_trials
@@ -168,24 +171,46 @@ def _fingerprint(subject: int, files: list[BetasFile], definition_sha256: str, c
                        "definition": definition_sha256, "captions": str(Path(captions_dir).resolve())})
 
 
-def _create_layout(h5, subject, trials, split_of, n_rows, voxels, fingerprint) -> None:
-    h5.attrs.update(format_version=FORMAT_VERSION, subject=subject, havir_version=havir.__version__,
-                    fingerprint=fingerprint, sessions_done=0, zscoring=False)
+def _create_raw_layout(h5, subject, trials, split_of, n_rows, voxels, fingerprint) -> None:
+    """The resumable file: unnormalised betas by split and set, filled session by session."""
+    h5.attrs.update(format_version=FORMAT_VERSION, subject=subject, fingerprint=fingerprint, sessions_done=0)
     for split, rows in split_of.items():
         group = h5.create_group(split)
         for name in _SETS:
             n_voxels = len(voxels[name])
             chunk_rows = max(1, min(32, n_rows[split]))
-            group.create_dataset(name, (n_rows[split], n_voxels), np.float32, chunks=(chunk_rows, n_voxels) if n_voxels else None)
-        group["nsd_id"] = trials.nsd_id[rows]
-        group["repetition"] = trials.repetition[rows]
-        group["session"] = trials.session[rows]
-    for name in _SETS:
-        h5[f"voxels/{name}"] = voxels[name].astype(np.int16)
+            if n_voxels:  # checksummed: a chunk damaged by a kill is detected on resume, never trusted
+                group.create_dataset(name, (n_rows[split], n_voxels), np.float32, chunks=(chunk_rows, n_voxels), fletcher32=True)
+            else:  # an empty set (no nsdgeneral voxel outside both masks) cannot be chunked
+                group.create_dataset(name, (n_rows[split], 0), np.float32)
+
+
+def _resumable_sessions(partial: Path, fingerprint: str) -> int:
+    """Sessions a partial file holds intact (0: none there, other inputs, or damaged)."""
+    try:
+        with h5py.File(partial, "r") as h5:
+            if h5.attrs.get("fingerprint") != fingerprint:
+                return 0
+            done = int(h5.attrs["sessions_done"])
+            for split in ("train", "test"):
+                for name in _SETS:
+                    dataset = h5[split][name]
+                    for start in range(0, dataset.shape[0], _ROWS_PER_BLOCK):
+                        dataset[start : start + _ROWS_PER_BLOCK]  # reading verifies the checksums
+            for index in range(done):
+                for name in _SETS:
+                    h5[f"session_moments/{index:02d}/{name}"][()]
+            return done
+    except (OSError, KeyError, ValueError):  # damaged by the interruption: start again
+        return 0
 
 
 def _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, progress) -> None:
-    """Pass 1: each session's masked betas into the file; its training moments beside them."""
+    """Pass 1: each session's masked betas into the file; its training moments beside them.
+
+    ``sessions_done`` is recorded after the session's data is flushed, so a kill leaves it at the
+    last session wholly written; the next session's rows are simply written again.
+    """
     ends = np.cumsum([n_voxels[name] for name in _SETS])
     columns = {name: slice(end - n_voxels[name], end) for name, end in zip(_SETS, ends)}
     first = sum(b.n_trials for b in files[:resumed])
@@ -195,6 +220,7 @@ def _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, prog
         session_betas = read_masked_betas(betas, both)
         session_rows = slice(first, first + betas.n_trials)
         first += betas.n_trials
+        moments = h5.require_group(f"session_moments/{index:02d}")
         for split, rows in split_of.items():
             selected = session_betas[rows[session_rows]]
             start, stop = written[split], written[split] + len(selected)
@@ -202,19 +228,29 @@ def _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, prog
                 h5[split][name][start:stop] = selected[:, part]
                 if split == "train":
                     count, mean, m2 = _moments(selected[:, part])
-                    h5[f"session_moments/{index:02d}/{name}"] = np.stack([mean, m2])
-                    h5[f"session_moments/{index:02d}"].attrs["count"] = count
+                    if name in moments:  # left by a run killed before it recorded this session
+                        del moments[name]
+                    moments[name] = np.stack([mean, m2])
+                    moments.attrs["count"] = count
             written[split] = stop
+        flush_h5(h5)
         h5.attrs["sessions_done"] = index + 1
-        h5.flush()
+        flush_h5(h5)
 
 
-def _zscore(h5, split_of) -> None:
-    """Pass 2: z-score every voxel with the training moments (test trials never enter them)."""
-    h5.attrs["zscoring"] = True  # from here on the file is not resumable
+def _write_normalised(raw, h5, subject: int, voxels, trials, split_of) -> None:
+    """Pass 2: the output file, every voxel z-scored with the training moments (test trials
+    never enter them), read in blocks from the raw file ``raw``, which is left untouched."""
+    h5.attrs.update(format_version=FORMAT_VERSION, subject=subject, havir_version=havir.__version__)
+    for name in _SETS:
+        h5[f"voxels/{name}"] = voxels[name].astype(np.int16)
+    for split, rows in split_of.items():
+        for key in ("nsd_id", "repetition", "session"):
+            h5[f"{split}/{key}"] = getattr(trials, key)[rows]
     for name in _SETS:
         moments = (0, 0.0, 0.0)
-        for session in h5["session_moments"].values():
+        for index in range(int(raw.attrs["sessions_done"])):
+            session = raw[f"session_moments/{index:02d}"]
             mean, m2 = session[name][()]
             moments = _merge_moments(moments, (int(session.attrs["count"]), mean, m2))
         count, mean, m2 = moments
@@ -224,12 +260,12 @@ def _zscore(h5, split_of) -> None:
         h5[f"normalisation/{name}_mean"] = mean.astype(np.float32)
         h5[f"normalisation/{name}_std"] = std.astype(np.float32)
         h5["normalisation"].attrs[f"{name}_constant_voxels"] = int(constant.sum())
-        for split in split_of:
-            dataset = h5[split][name]
+        for split in ("train", "test"):
+            source = raw[split][name]
+            dataset = h5[split].create_dataset(name, source.shape, np.float32, chunks=source.chunks)
             for start in range(0, dataset.shape[0], _ROWS_PER_BLOCK):
-                block = dataset[start : start + _ROWS_PER_BLOCK].astype(np.float64)
+                block = source[start : start + _ROWS_PER_BLOCK].astype(np.float64)
                 dataset[start : start + _ROWS_PER_BLOCK] = ((block - mean) / std).astype(np.float32)
-    del h5["session_moments"]
 
 
 def _write_stimuli_and_captions(h5, layout, test_ids, side, captions) -> None:
@@ -301,55 +337,36 @@ def prepare_subject(
     split_of = {"train": ~trials.is_test, "test": trials.is_test}
     n_rows = {split: int(rows.sum()) for split, rows in split_of.items()}
 
-    out = ensure_output_dir(Path(out))
     stem = f"subj{subject:02d}"
-    h5_path = out / f"{stem}.h5"
-    # Sessions stream into a partial file that survives an interruption: run the same command
-    # again and it continues after the last finished session.
-    partial = out / f".{stem}.h5.partial"
+    test_ids = np.unique(trials.nsd_id[trials.is_test])
     fingerprint = _fingerprint(subject, files, mask_definition.sha256(), captions_dir or layout.annotations_dir)
-    try:
-        with h5py.File(partial, "r") as h5:
-            resumable = h5.attrs.get("fingerprint") == fingerprint and not h5.attrs.get("zscoring")
-    except OSError:  # none there, or damaged by the interruption
-        resumable = False
-    if not resumable:
-        partial.unlink(missing_ok=True)
-    try:
-        with h5py.File(partial, "a") as h5:
-            if not resumable:
-                _create_layout(h5, subject, trials, split_of, n_rows, voxels, fingerprint)
-            resumed = int(h5.attrs["sessions_done"])
-            _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, progress)
-            _zscore(h5, split_of)
-            test_ids = np.unique(trials.nsd_id[trials.is_test])
-            _write_stimuli_and_captions(h5, layout, test_ids, side, captions)
-            for key in ("fingerprint", "sessions_done", "zscoring"):
-                del h5.attrs[key]
-        partial.replace(h5_path)
-    except (ValueError, OSError):  # bad input: nothing to resume from once it is fixed
-        partial.unlink(missing_ok=True)
-        raise
-
-    summary = {
-        "subject": subject,
-        "sessions": len(files),
-        "train_images": int(np.unique(trials.nsd_id[~trials.is_test]).size),
-        "test_images": int(test_ids.size),
-        "train_trials": n_rows["train"],
-        "test_trials": n_rows["test"],
-        "structural_voxels": n_voxels["structural"],
-        "semantic_voxels": n_voxels["semantic"],
-        "other_voxels": n_voxels["other"],
-        "betas_formats": sorted({b.fmt for b in files}),
-        "resumed_sessions": resumed,
-        "output": str(h5_path),
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    write_json(
-        out / f"{stem}.json",
-        summary
-        | {
+    with output_folder(Path(out), scope=stem) as out:  # subjects may be prepared side by side
+        h5_path, record_path = out / f"{stem}.h5", out / f"{stem}.json"
+        # Sessions stream into a raw file that survives an interruption: run the same command
+        # again and it continues after the last finished session.
+        partial = out / f".{stem}.h5.partial"
+        resumed = _resumable_sessions(partial, fingerprint)
+        if resumed == 0:
+            partial.unlink(missing_ok=True)
+        data_bytes = 4 * sum(n_rows.values()) * sum(n_voxels.values())
+        done_bytes = partial.stat().st_size if partial.exists() else 0
+        needed = 2 * data_bytes + len(test_ids) * side * side * 3 + 2**20 - done_bytes  # raw + output (+ metadata)
+        check_free_space(out, needed)
+        summary = {
+            "subject": subject,
+            "sessions": len(files),
+            "train_images": int(np.unique(trials.nsd_id[~trials.is_test]).size),
+            "test_images": int(test_ids.size),
+            "train_trials": n_rows["train"],
+            "test_trials": n_rows["test"],
+            "structural_voxels": n_voxels["structural"],
+            "semantic_voxels": n_voxels["semantic"],
+            "other_voxels": n_voxels["other"],
+            "betas_formats": sorted({b.fmt for b in files}),
+            "resumed_sessions": resumed,
+            "output": str(h5_path),
+        }
+        record = summary | {
             "format_version": FORMAT_VERSION,
             "protocol": {
                 "sessions_read": list(range(1, len(files) + 1)),
@@ -364,6 +381,25 @@ def prepare_subject(
             "nsd_root": str(Path(nsd_root).resolve()),
             "stimulus_side": side,
             "versions": package_versions("numpy", "h5py", "nibabel", "scipy", "pandas"),
-        },
-    )
+        }
+        try:
+            with open_h5(partial, "a", needed=needed) as h5:
+                if resumed == 0:
+                    _create_raw_layout(h5, subject, trials, split_of, n_rows, voxels, fingerprint)
+                _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, progress)
+
+            # Commit order: the old record goes first, then the file, then its record, then the raw
+            # file. A kill anywhere leaves no file beside a record of another; the raw file, kept
+            # until the end, makes the rerun redo only the second pass.
+            with atomic_path(record_path) as record_temporary, atomic_path(h5_path) as h5_temporary:
+                with h5py.File(partial, "r") as raw, open_h5(h5_temporary, "w", needed=needed) as h5:
+                    _write_normalised(raw, h5, subject, voxels, trials, split_of)
+                    _write_stimuli_and_captions(h5, layout, test_ids, side, captions)
+                summary["seconds"] = round(time.perf_counter() - started, 3)
+                record_temporary.write_text(json.dumps(record | {"seconds": summary["seconds"]}, indent=2) + "\n")
+                record_path.unlink(missing_ok=True)
+        except (ValueError, OSError):  # bad input or a full disk: nothing to resume from once it is fixed
+            partial.unlink(missing_ok=True)
+            raise
+        partial.unlink()
     return summary

@@ -53,12 +53,14 @@ from havir.devices import resolve_device, resolve_dtype
 from havir.distributed import processes
 from havir.errors import InvalidInputError
 from havir.features import encode_clip_images, encode_clip_texts, features_path
-from havir.io import atomic_path, ensure_output_dir, write_json
+from havir.io import atomic_path, output_folder, write_json
 from havir.models.compat import set_text_share
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 from havir.validation import Interval, OneOf, Rule, check_options, check_values, option_name, read_json, reading_hdf5
 
 MODES = ("fused", "structural", "semantic")
+#: Written first into a reconstruction folder: what its PNGs are made with (checked on resume).
+MADE_WITH = ".havir-reconstruct.json"
 #: Schedulers the sampler can use, each built from the model's own scheduler config.
 SCHEDULERS = {
     "ddim": DDIMScheduler,
@@ -285,33 +287,62 @@ def reconstruct(
     settings = settings or SamplerSettings()
     check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size)
     launch = processes()
-    out = ensure_output_dir(out)
     order = np.argsort(nsd_ids)[: limit if limit is not None else None]
-    todo = [i for i in order.tolist() if not (out / f"{int(nsd_ids[i])}.png").exists()]
-    batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
+    # Batches are cut from the whole ordered list, not from what is left to do: a resumed run
+    # computes every image in the batch it had in an uninterrupted run (same shapes, same float
+    # rounding), so its PNGs are bit-identical; a batch with any image missing runs whole.
+    batches = [order[start : start + batch_size].tolist() for start in range(0, len(order), batch_size)]
     unconditional = unconditional_embeddings(vd)
-    launch.wait_for_everyone()  # every process has listed the images to do before any is written
-    started = time.perf_counter()
-    for rows in batches[launch.process_index :: launch.num_processes]:
-        images = reconstruct_batch(
-            vd, mode, settings, nsd_ids[rows],
-            *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
-            unconditional,
-        )
-        write_images(out, nsd_ids[rows], images)
-    launch.wait_for_everyone()
-    seconds = time.perf_counter() - started
-    if launch.is_main_process:
-        write_json(out / "manifest.json", {
-            "mode": mode, "settings": asdict(settings), "schedule": schedule_record(vd, settings, mode),
-            "images": [int(nsd_ids[i]) for i in order.tolist()],
-            "vd": vd.source, "havir_version": havir.__version__, "torch": torch.__version__,
-        } | (provenance or {}))
+    made_with = {"mode": mode, "settings": asdict(settings), "vd": vd.source} | (provenance or {})
+    with output_folder(Path(out), lock=launch.is_main_process) as out:
+        _check_made_with(out, made_with)
+        if launch.is_main_process:
+            write_json(out / MADE_WITH, made_with)
+        missing = {i for i in order.tolist() if not (out / f"{int(nsd_ids[i])}.png").exists()}
+        launch.wait_for_everyone()  # every process has listed the images to do before any is written
+        started = time.perf_counter()
+        todo = [rows for rows in batches if missing.intersection(rows)]
+        try:
+            for rows in todo[launch.process_index :: launch.num_processes]:
+                images = reconstruct_batch(
+                    vd, mode, settings, nsd_ids[rows],
+                    *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
+                    unconditional,
+                )
+                kept = [k for k, row in enumerate(rows) if row in missing]
+                write_images(out, nsd_ids[rows][kept], images[kept])
+        except BaseException:
+            if launch.is_main_process and not any(out.glob("*.png")):  # nothing made: leave nothing
+                (out / MADE_WITH).unlink(missing_ok=True)
+            raise
+        launch.wait_for_everyone()
+        seconds = time.perf_counter() - started
+        if launch.is_main_process:
+            write_json(out / "manifest.json", {
+                "mode": mode, "settings": asdict(settings), "schedule": schedule_record(vd, settings, mode),
+                "images": [int(nsd_ids[i]) for i in order.tolist()],
+                "batch_size": batch_size, "vd": vd.source, "havir_version": havir.__version__, "torch": torch.__version__,
+            } | (provenance or {}))
     return {
-        "n_images": len(order), "reconstructed": len(todo), "mode": mode, "seconds": round(seconds, 3),
-        "images_per_second": round(len(todo) / seconds, 3) if todo and seconds > 0 else None,
+        "n_images": len(order), "reconstructed": len(missing), "mode": mode, "seconds": round(seconds, 3),
+        "images_per_second": round(len(missing) / seconds, 3) if missing and seconds > 0 else None,
         "output": str(out),
     }
+
+
+def _check_made_with(out: Path, made_with: dict) -> None:
+    """Refuse to add images to a folder whose PNGs were made with other settings (the kept PNGs
+    and the new ones would be mixed under one manifest)."""
+    record = next((p for p in (out / MADE_WITH, out / "manifest.json") if p.is_file()), None)
+    if record is None or not any(out.glob("*.png")):
+        return
+    held = json.loads(record.read_text())
+    differs = sorted(key for key in made_with if key in held and held[key] != made_with[key])
+    if differs:
+        raise InvalidInputError(
+            f"{out} holds reconstructions made with another {', '.join(differs)}: choose another --out, "
+            "or delete its PNGs to make them again"
+        )
 
 
 def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[str, torch.Tensor], dict]:

@@ -26,14 +26,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import shutil
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-import h5py
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -46,7 +45,7 @@ from havir.devices import resolve_device
 from havir.distributed import Shard, batch_shard, processes
 from havir.errors import InvalidInputError, MissingInputError
 from havir.features import FEATURES_FORMAT, features_path
-from havir.io import atomic_path, ensure_output_dir, write_json
+from havir.io import atomic_path, output_folder, write_json
 from havir.losses import info_nce, semantic_loss, structural_loss
 from havir.metrics.scores import row_correlations, two_way_identification
 from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator
@@ -396,17 +395,11 @@ def scores(predicted: dict, target: dict) -> dict[str, float]:
 
 
 def _save_decoder(model, weights: dict[str, torch.Tensor], folder: Path) -> None:
-    """Write ``weights`` in ``model``'s save_pretrained layout (config.json + safetensors) into a
-    temporary folder, then swap it in, so a crash never leaves half a model."""
-    temporary = folder.with_name(f".partial-{folder.name}")
-    shutil.rmtree(temporary, ignore_errors=True)
-    model.save_config(temporary)
-    save_file({k: v.contiguous() for k, v in weights.items()}, temporary / SAFETENSORS_WEIGHTS_NAME)
-    old = folder.with_name(f".old-{folder.name}")
-    if folder.exists():
-        folder.rename(old)
-    temporary.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+    """Write ``weights`` in ``model``'s save_pretrained layout (config.json + safetensors), as one
+    folder committed by one rename, so a crash never leaves half a model."""
+    with atomic_path(folder) as temporary:
+        model.save_config(temporary)
+        save_file({k: v.contiguous() for k, v in weights.items()}, temporary / SAFETENSORS_WEIGHTS_NAME)
 
 
 def load_decoder(cls: type[StructuralGenerator] | type[SemanticExtractor], folder: Path):
@@ -423,14 +416,20 @@ def load_decoder(cls: type[StructuralGenerator] | type[SemanticExtractor], folde
 
 
 def _check_run_folder(run: Path, subject: int, model: str, config: TrainConfig) -> bool:
-    """True when ``run`` holds an unfinished or finished run of exactly this training (resume)."""
+    """True when ``run`` holds an unfinished or finished run of exactly this training (resume).
+
+    A folder with nothing committed in it (no ``run.json``), or only what a run that failed
+    before its first checkpoint left (its settings), is free to use.
+    """
     record = run / "run.json"
-    if not record.is_file():
-        if run.exists() and any(run.iterdir()):
+    if not record.is_file():  # config.toml is written first: alone, it is a start that stopped there
+        if run.exists() and any(p.name != "config.toml" and not p.name.startswith(".") for p in run.iterdir()):
             raise ValueError(f"run folder {run} is not empty and holds no HAVIR run: choose another --out")
         return False
     held = read_json(record, what="run record", fix="delete the run folder or choose another --out")
     if (held.get("subject"), held.get("model"), held.get("config_sha256")) != (subject, model, config.sha256()):
+        if not _has_results(run):
+            return False  # a run that stopped before its first checkpoint: start this one instead
         raise ValueError(
             f"run folder {run} holds another run (subject {held.get('subject')}, model {held.get('model')}, "
             f"config {str(held.get('config_sha256'))[:12]}): choose another --out or delete it"
@@ -450,6 +449,11 @@ def _features_model(cache: Path) -> str:
         return json.loads(settings)["model"]
     except (ValueError, KeyError, TypeError) as err:
         raise InvalidInputError(f"features cache {cache} has no valid settings record ({err}): run `havir features` again") from err
+
+
+def _has_results(run: Path) -> bool:
+    """Whether a run folder holds anything trained (a checkpoint, a model, a summary)."""
+    return any((run / name).exists() for name in ("checkpoint", "structural", "semantic", "ridge", "summary.json"))
 
 
 def train_subject(
@@ -481,22 +485,23 @@ def train_subject(
         raise ValueError(f"the features in {data} were computed with --vd {features_vd}, not {vd}: run `havir features --vd {vd}` first")
     # 2. Only now create the run folder and write into it.
     launch.wait_for_everyone()  # every process has checked the run folder before the main one writes into it
-    run = Path(run)
-    if launch.is_main_process:
-        ensure_output_dir(run)
-        if not resuming:
-            write_json(run / "run.json", {"subject": subject, "model": model, "config_sha256": config.sha256(), "data": str(Path(data).resolve())})
+    # The main process locks it.
+    with output_folder(Path(run), lock=launch.is_main_process) as run:
+        if launch.is_main_process and not resuming:
+            for stale in ("metrics.jsonl", "summary.json"):  # a previous start's, never committed
+                (run / stale).unlink(missing_ok=True)
             with atomic_path(run / "config.toml") as temporary:
                 temporary.write_text(config.to_toml())
-    started = time.perf_counter()
-    if model == "ridge":  # closed form: the main process fits it alone
-        summary = _train_ridge(dataset, config, run, torch_device) if launch.is_main_process else None
-    else:
-        summary = fit_decoders(dataset, config, run, torch_device, progress=progress)
-    if launch.is_main_process:
-        summary = {"subject": subject, "model": model, "vd": features_vd, "train_seconds": round(time.perf_counter() - started, 3)} | summary
-        write_json(run / "summary.json", summary)
-    return broadcast_object_list([summary])[0]  # every process returns it, once it is written
+            write_json(run / "run.json", {"subject": subject, "model": model, "config_sha256": config.sha256(), "data": str(Path(data).resolve())})
+        started = time.perf_counter()
+        if model == "ridge":  # closed form: the main process fits it alone
+            summary = _train_ridge(dataset, config, run, torch_device) if launch.is_main_process else None
+        else:
+            summary = fit_decoders(dataset, config, run, torch_device, progress=progress)
+        if launch.is_main_process:
+            summary = {"subject": subject, "model": model, "vd": features_vd, "train_seconds": round(time.perf_counter() - started, 3)} | summary
+            write_json(run / "summary.json", summary)
+        return broadcast_object_list([summary])[0]  # every process returns it, once it is written
 
 
 def ridge_voxels(part: Split, inputs: str) -> np.ndarray:
@@ -523,7 +528,8 @@ def _train_ridge(dataset: TrainingData, config: TrainConfig, run: Path, device: 
                          seed=config.seed, standardise_inputs=preset["standardise_inputs"], rescale=preset["rescale"],
                          device=str(device))
     ridge.fit(ridge_voxels(fit, preset["inputs"]), fit.targets(), groups=fit.nsd_id)
-    ridge.save_pretrained(run / "ridge")
+    with atomic_path(run / "ridge") as temporary:  # weights and config.json committed together
+        ridge.save_pretrained(temporary)
     predicted = {name: torch.as_tensor(p) for name, p in ridge.predict(ridge_voxels(dataset.test, preset["inputs"])).items()}
     return {"epochs": 0, "alpha": ridge.alpha_, "ridge": {"preset": config.ridge_preset, **preset, "fit_rows": len(fit.nsd_id)},
             "test_scores": scores(predicted, dataset.test.targets())}
@@ -571,15 +577,14 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
     checkpoint = run / "checkpoint"
     state = {"epoch": 0, "best": {"structural": float("inf"), "semantic": float("inf")}, "best_epoch": {}}
     if (checkpoint / "state.json").is_file():
-        state = json.loads((checkpoint / "state.json").read_text())
-        structural.load_state_dict(load_file(checkpoint / "structural.safetensors", device=str(device)))
-        semantic.load_state_dict(load_file(checkpoint / "semantic.safetensors", device=str(device)))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", map_location=device, weights_only=True))
-        schedule.load_state_dict(torch.load(checkpoint / "schedule.pt", weights_only=True))
+        state = _load_checkpoint(checkpoint, structural, semantic, optimizer, schedule, device)
     metrics_path = run / "metrics.jsonl"
-    if main:
+    if main:  # the epochs after the checkpoint are trained again: their lines go
         kept = metrics_path.read_text().splitlines()[: state["epoch"]] if metrics_path.is_file() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        if state["epoch"] and len(kept) == state["epoch"] - 1:  # killed between the checkpoint and its line
+            kept.append(json.dumps(state["last"]))
+        with atomic_path(metrics_path) as temporary:
+            temporary.write_text("".join(line + "\n" for line in kept))
     decoders = Decoders(structural, semantic)
     if world > 1:  # accelerate's DDP: averages the gradients across the processes during the backward pass
         decoders = Accelerator(mixed_precision="no", device_placement=False).prepare_model(decoders)  # autocast is ours
@@ -641,6 +646,8 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
             record["checkpoint_seconds"] = round(last_checkpoint - saving_started, 3)
         with open(metrics_path, "a") as metrics:
             metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            os.fsync(metrics.fileno())
 
     summary = None
     if main:
@@ -657,11 +664,51 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
 
 
 def _save_checkpoint(folder: Path, structural, semantic, optimizer, schedule, state: dict) -> None:
-    folder.mkdir(exist_ok=True)
-    for name, model in (("structural", structural), ("semantic", semantic)):
-        with atomic_path(folder / f"{name}.safetensors") as temporary:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, temporary)
-    for name, obj in (("optimizer", optimizer), ("schedule", schedule)):
-        with atomic_path(folder / f"{name}.pt") as temporary:
-            torch.save(obj.state_dict(), temporary)
-    write_json(folder / "state.json", state)  # written last: it marks the checkpoint complete
+    """Write the checkpoint as one folder committed by one rename: weights, optimiser and schedule
+    always belong to the epoch ``state.json`` names. Tensors go to safetensors, the rest to JSON
+    (nothing is pickled)."""
+    with atomic_path(folder) as temporary:
+        temporary.mkdir()
+        for name, model in (("structural", structural), ("semantic", semantic)):
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, temporary / f"{name}.safetensors")
+        tensors, layout = _split_optimizer_state(optimizer.state_dict())
+        save_file(tensors, temporary / "optimizer.safetensors")
+        (temporary / "optimizer.json").write_text(json.dumps(layout))
+        (temporary / "schedule.json").write_text(json.dumps(schedule.state_dict()))
+        (temporary / "state.json").write_text(json.dumps(state, indent=2))
+
+
+def _load_checkpoint(folder: Path, structural, semantic, optimizer, schedule, device: torch.device) -> dict:
+    """Load a checkpoint written by :func:`_save_checkpoint` into the models, optimiser and
+    schedule; returns its training state."""
+    if not (folder / "optimizer.safetensors").is_file():
+        raise InvalidInputError(
+            f"{folder} is a checkpoint of an older HAVIR (pickled optimiser state, no longer read): "
+            "delete it to train this run again from the start, or finish it with the HAVIR that wrote it"
+        )
+    structural.load_state_dict(load_file(folder / "structural.safetensors", device=str(device)))
+    semantic.load_state_dict(load_file(folder / "semantic.safetensors", device=str(device)))
+    tensors = load_file(folder / "optimizer.safetensors", device=str(device))
+    optimizer.load_state_dict(_join_optimizer_state(tensors, json.loads((folder / "optimizer.json").read_text())))
+    schedule.load_state_dict(json.loads((folder / "schedule.json").read_text()))
+    return json.loads((folder / "state.json").read_text())
+
+
+def _split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """An optimiser's ``state_dict`` as (tensors named ``<parameter>.<key>``, JSON-able rest)."""
+    tensors = {}
+    for index, values in state_dict["state"].items():
+        for key, value in values.items():
+            if not torch.is_tensor(value):
+                raise TypeError(f"optimiser state {key!r} is a {type(value).__name__}, not a tensor")
+            tensors[f"{index}.{key}"] = value.contiguous()
+    return tensors, {"param_groups": state_dict["param_groups"]}
+
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], layout: dict) -> dict:
+    """The inverse of :func:`_split_optimizer_state`."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for name, value in tensors.items():
+        index, key = name.split(".", 1)
+        state.setdefault(int(index), {})[key] = value
+    return {"state": state, "param_groups": layout["param_groups"]}

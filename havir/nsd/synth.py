@@ -23,14 +23,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import h5py
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import scipy.io
 from PIL import Image
 
-from havir.io import atomic_path, ensure_output_dir, write_json
+from havir.io import atomic_path, ensure_output_dir, open_h5, write_json
 from havir.nsd.betas import BETAS_SCALE
 from havir.nsd.layout import ATLASES, FALLBACK_LABELS, NSDLayout, check_subject
 from havir.nsd.scenes import CATEGORIES, KINDS, content_features, describe_scene, render_scene, sample_scene
@@ -266,7 +265,7 @@ def synthesize_nsd(
     scenes = [sample_scene(rng) for _ in range(n_total)]
     stimuli = np.stack([render_scene(scene, image_side) for scene in scenes])
     layout.stimuli.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(layout.stimuli) as temporary, h5py.File(temporary, "w") as h5:
+    with atomic_path(layout.stimuli) as temporary, open_h5(temporary, "w") as h5:
         h5.create_dataset("imgBrick", data=stimuli, chunks=(1, image_side, image_side, 3))
     coco_ids = 100_000 + rng.choice(900_000, size=n_total, replace=False)
     coco_split = np.where(rng.random(n_total) < 0.8, "train2017", "val2017")
@@ -407,7 +406,7 @@ def _write_subject(
             with atomic_path(layout.betas_file(subject, session, "nifti")) as temporary:
                 nib.save(image, temporary)
         if betas_format in ("hdf5", "both"):
-            with atomic_path(layout.betas_file(subject, session, "hdf5")) as temporary, h5py.File(temporary, "w") as h5:
+            with atomic_path(layout.betas_file(subject, session, "hdf5")) as temporary, open_h5(temporary, "w") as h5:
                 # h5py shows MATLAB's (X, Y, Z, trials) reversed; one chunk is one voxel's trials.
                 h5.create_dataset("betas", data=volume.transpose(0, 3, 2, 1), chunks=(trials_per_session, 1, 1, 1))
 
