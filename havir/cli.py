@@ -248,6 +248,7 @@ def eval_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for eval.json, per_image.csv, report.html (default RECON/eval).")] = None,
     weights_dir: Annotated[Optional[Path], typer.Option("--weights-dir", help="Folder holding the feature networks' weight files (looked in first).")] = None,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Score what the weights on this machine allow; list the rest under skipped.")] = False,
+    protocol: Annotated[str, typer.Option("--protocol", help="Evaluation preset: mindeye2 (the published table) or brain-diffuser (its own paper).")] = "mindeye2",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass of a feature network.")] = 32,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -255,23 +256,26 @@ def eval_command(
     """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
     _refuse_launch("eval")
     from havir.metrics.evaluate import evaluate_folder
+    from havir.metrics.protocols import get_preset
 
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     evaluation = evaluate_folder(
-        recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
+        recon, data, subject, protocol=get_preset(protocol), out=out, weights_dir=weights_dir, skip_missing=skip_missing,
         device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
     )
     summary = evaluation.summary()
     if as_json:
         _emit(summary, as_json, "")
         return
-    table = Table("metric", "mean", "95% CI", "network", title=f"{summary['n']} reconstructions of subj{subject:02d}", title_justify="left")
+    table = Table("metric", "mean", "95% CI", "network", title=f"{summary['n']} reconstructions of subj{subject:02d} ({protocol} preset)", title_justify="left")
     for name, score in evaluation.scores.items():
         table.add_row(name, f"{score.mean:.4f}", f"[{score.interval[0]:.4f}, {score.interval[1]:.4f}]", score.network)
     stdout_console.print(table)
     for name, reason in evaluation.skipped.items():
         stdout_console.print(f"skipped {name}: {reason}", markup=False, highlight=False)
+    for note in evaluation.notes:
+        stdout_console.print(f"note: {note}", markup=False, highlight=False)
     stdout_console.print(f"report: {evaluation.outputs['report']}", markup=False, highlight=False)
 
 
