@@ -279,6 +279,41 @@ def eval_command(
     stdout_console.print(f"report: {evaluation.outputs['report']}", markup=False, highlight=False)
 
 
+@app.command("table")
+def table_command(
+    evals: Annotated[list[Path], typer.Argument(help="eval.json files (or their folders), one per subject.")],
+    method: Annotated[Optional[str], typer.Option("--method", help="Name of the method in the printed row (default: the recorded one).")] = None,
+    style: Annotated[Optional[str], typer.Option("--format", help="markdown, csv or latex (default: a terminal table).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Average several subjects' eval.json into the published-style row, beside the published rows of its preset."""
+    from havir.metrics.table import render, subject_table, table_rows
+
+    table = subject_table(evals, method=method)
+    if as_json:
+        _emit(table.to_json(), as_json, "")
+        return
+    if style is not None:
+        sys.stdout.write(render(table, style))
+        return
+    header, rows = table_rows(table)
+    view = Table(title=f"{table.preset} preset: published rows and the mean over subjects {', '.join(map(str, table.subjects))}",
+                 title_justify="left")
+    view.add_column(header[0], no_wrap=True)
+    for title in header[1:-1]:
+        view.add_column(title, justify="right")
+    for row in rows:
+        view.add_row(*row[:-1])  # the protocol column is printed below: the table fits a terminal
+    # Numbers are never cut to fit 80 columns: a narrow terminal wraps the lines instead.
+    Console(width=max(stdout_console.width, 110)).print(view)
+    lines = [f"{row[0]}: {row[-1]}" for row in rows]
+    if table.missing:
+        lines.append(f"left out (not computed for every subject): {', '.join(table.missing)}")
+    lines += [f"not comparable, {reason}: {row.method}" for row, reason in table.other_presets]
+    for line in lines:
+        stdout_console.print(line, markup=False, highlight=False)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Folder for every stage's output (the synthetic NSD, data, run, reconstructions, report).")] = Path("demo-out"),

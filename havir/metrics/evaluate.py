@@ -42,9 +42,10 @@ from havir.metrics.protocols import (
 from havir.metrics.scores import (
     bootstrap_interval,
     correlation_distance,
+    correlation_matrix,
+    identification_from_correlations,
     pixcorr,
     ssim,
-    two_way_identification,
 )
 from havir.nsd.layout import check_subject
 from havir.progress import track
@@ -90,7 +91,9 @@ class MetricScore:
     """One metric over a set of images.
 
     ``per_image`` : (n,) scores in the order of the evaluation's ``nsd_ids``; ``mean`` is the
-    reported number and ``interval`` its bootstrap 95% confidence interval.
+    reported number and ``interval`` its bootstrap 95% confidence interval. ``correlations``
+    (identification metrics only, kept in memory): the (n, n) matrix C[i, j] = corr(ground truth
+    i, reconstruction j) the identification counts from, a finer check than the counts.
     """
 
     name: str
@@ -99,6 +102,7 @@ class MetricScore:
     network: str
     protocol: bool
     higher_is_better: bool
+    correlations: np.ndarray | None = None
 
     @property
     def mean(self) -> float:
@@ -138,9 +142,14 @@ class Evaluation:
         }
 
 
-def _feature_score(metric: FeatureMetric, truth: np.ndarray, recon: np.ndarray) -> np.ndarray:
-    score = two_way_identification if metric.score == "identification" else correlation_distance
-    return score(truth, recon)
+def _feature_score(metric: FeatureMetric, truth: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """(per-image scores, the correlation matrix for an identification metric else None)."""
+    if metric.score == "identification":
+        if len(truth) < 2:
+            raise ValueError("two-way identification needs at least two images")
+        matrix = correlation_matrix(truth, recon)
+        return identification_from_correlations(matrix), matrix
+    return correlation_distance(truth, recon), None
 
 
 def score_images(
@@ -201,10 +210,10 @@ def score_images(
         for metric in (m for m in wanted if m.network == network_name):
             truth_features = np.concatenate([part[metric.layer] for part in features["truth"]])
             recon_features = np.concatenate([part[metric.layer] for part in features["recon"]])
-            per_image = _feature_score(metric, truth_features, recon_features)
+            per_image, matrix = _feature_score(metric, truth_features, recon_features)
             results[metric.name] = MetricScore(
                 metric.name, per_image, interval(per_image), network.label, network.protocol,
-                metric.score == "identification",
+                metric.score == "identification", matrix,
             )
     return results
 
@@ -390,6 +399,7 @@ def evaluate_folder(
     record = {
         "preset": preset.name,
         "record": preset.record(),
+        "method": method_label(Path(recon)),
         "data": data_protocol,
         "reconstructions": str(Path(recon).resolve()),
         "reconstruction_size": list(reconstructions.shape[1:3]),
@@ -414,6 +424,16 @@ def evaluate_folder(
         write_report(evaluation, truth, Path(recon), out, notes=notes)
     write_evaluation(evaluation, out)
     return evaluation
+
+
+def method_label(recon: Path) -> str:
+    """What produced the reconstructions in ``recon``: "<model> (<mode>)" from the manifest
+    ``havir reconstruct`` writes, else the folder's name (any other method's folder)."""
+    try:
+        manifest = json.loads((Path(recon) / "manifest.json").read_text())
+        return f"{manifest['model']} ({manifest['mode']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return Path(recon).resolve().name
 
 
 def write_per_image_csv(evaluation: Evaluation, path: Path) -> None:

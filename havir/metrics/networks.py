@@ -181,7 +181,8 @@ def clip_from_openai_state_dict(state: dict) -> nn.Module:
     """
     from open_clip.model import build_model_from_openai_state_dict
 
-    state = {key: value for key, value in state.items() if not key.endswith(".attn_mask")}  # a buffer, not a weight
+    # The causal text mask is a buffer (an attribute in OpenAI's archive), not a weight.
+    state = {key: value for key, value in state.items() if key.split(".")[-1] != "attn_mask"}
     model = build_model_from_openai_state_dict(state, quick_gelu=True)
     return _ImageEmbeds(model.visual.float().eval())
 
@@ -416,7 +417,7 @@ def load_protocol_network(
     try:
         extractor = _BUILDERS[name](_read_state(path, route))
     except (OSError, EOFError, RuntimeError, KeyError, ValueError, TypeError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        reason = " ".join(str(err).split()) or type(err).__name__
         raise InvalidInputError(
             f"{path} is not usable as {title} weights ({reason[:300]}): delete it and save the published file "
             f"{entry.weights_file} from {_published_url(name, entry.weights_file)} there again"

@@ -124,12 +124,15 @@ def two_way_identification(ground_truth: np.ndarray, reconstructions: np.ndarray
     """Two-way identification per reconstruction: with C = :func:`correlation_matrix`, the
     fraction of the other n - 1 ground truths i != j with C[i, j] < C[j, j]. Chance is 0.5; the
     metric is the mean over j (MindEye's and Brain-Diffuser's definition). Shape (n,)."""
-    n = len(ground_truth)
-    if n < 2:
+    if len(ground_truth) < 2:
         raise ValueError("two-way identification needs at least two images")
-    matrix = correlation_matrix(ground_truth, reconstructions)
+    return identification_from_correlations(correlation_matrix(ground_truth, reconstructions))
+
+
+def identification_from_correlations(matrix: np.ndarray) -> np.ndarray:
+    """Two-way identification per reconstruction from C = :func:`correlation_matrix`, (n,)."""
     own = np.diag(matrix)
-    return (matrix < own[None, :]).sum(axis=0) / (n - 1)  # the diagonal is never < itself
+    return (matrix < own[None, :]).sum(axis=0) / (len(matrix) - 1)  # the diagonal is never < itself
 
 
 def correlation_distance(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:

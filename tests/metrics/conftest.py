@@ -7,7 +7,9 @@ import torch
 
 @pytest.fixture
 def offline_caches(tmp_path, monkeypatch):
-    """torch hub and the Hugging Face cache pointed at empty folders, offline; returns tmp_path."""
+    """torch hub, the Hugging Face cache and HOME (``~/.cache/clip``) pointed at empty folders,
+    offline; returns tmp_path."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

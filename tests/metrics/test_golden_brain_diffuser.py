@@ -73,20 +73,23 @@ def extract(images: np.ndarray, net_name: str, layer, networks) -> np.ndarray:
 
 
 def pairwise_corr_all(ground_truth, predictions):
+    """The script's function; returns (perf, r) where it returns (perf, binomial p): ``r`` is
+    the finer check, the p-value is not part of the table."""
     r = np.corrcoef(ground_truth, predictions)
     r = r[:len(ground_truth), len(ground_truth):]
     congruents = np.diag(r)
     success = r < congruents
     success_cnt = np.sum(success, 0)
-    return np.mean(success_cnt) / (len(ground_truth) - 1)
+    return np.mean(success_cnt) / (len(ground_truth) - 1), r
 
 
-def reference_brain_diffuser(stimuli: np.ndarray, reconstructions: np.ndarray, networks) -> dict[str, float]:
-    """evaluate_reconstruction.py on the features of eval_extract_features.py."""
+def reference_brain_diffuser(stimuli: np.ndarray, reconstructions: np.ndarray, networks) -> tuple[dict, dict]:
+    """evaluate_reconstruction.py on the features of eval_extract_features.py: the eight numbers
+    and the identification metrics' correlation matrices."""
     names = {("inceptionv3", "avgpool"): "inception", ("clip", "final"): "clip", ("alexnet", 2): "alexnet2",
              ("alexnet", 5): "alexnet5", ("efficientnet", "avgpool"): "effnet", ("swav", "avgpool"): "swav"}
     num_test = len(stimuli)
-    results = {}
+    results, correlations = {}, {}
     for (net_name, layer), name in names.items():
         gt_feat = extract(stimuli, net_name, layer, networks)
         eval_feat = extract(reconstructions, net_name, layer, networks)
@@ -95,7 +98,7 @@ def reference_brain_diffuser(stimuli: np.ndarray, reconstructions: np.ndarray, n
         if net_name in ["efficientnet", "swav"]:
             results[name] = np.array([sp.spatial.distance.correlation(gt_feat[i], eval_feat[i]) for i in range(num_test)]).mean()
         else:
-            results[name] = pairwise_corr_all(gt_feat[:num_test], eval_feat[:num_test])
+            results[name], correlations[name] = pairwise_corr_all(gt_feat[:num_test], eval_feat[:num_test])
     ssim_list, pixcorr_list = [], []
     for i in range(num_test):
         gen_image = Image.fromarray(reconstructions[i]).resize((425, 425))
@@ -109,7 +112,7 @@ def reference_brain_diffuser(stimuli: np.ndarray, reconstructions: np.ndarray, n
                                                         use_sample_covariance=False, data_range=1.0))
     results["pixcorr"] = np.array(pixcorr_list).mean()
     results["ssim"] = np.array(ssim_list).mean()
-    return results
+    return results, correlations
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +124,7 @@ def havir_brain_diffuser(golden, tmp_path_factory):
 
 
 def test_brain_diffuser_preset_equals_the_reference_scripts(golden, havir_brain_diffuser):
-    expected = reference_brain_diffuser(golden["truth"], golden["recon"], golden["networks"])
+    expected, correlations = reference_brain_diffuser(golden["truth"], golden["recon"], golden["networks"])
     got = {name: score.mean for name, score in havir_brain_diffuser.scores.items()}
     assert set(got) == set(expected)
     assert all(score.protocol for score in havir_brain_diffuser.scores.values())
@@ -129,6 +132,8 @@ def test_brain_diffuser_preset_equals_the_reference_scripts(golden, havir_brain_
         assert got[name] == pytest.approx(expected[name], abs=1e-6, rel=0), name
     for name in ("alexnet2", "alexnet5", "inception", "clip"):
         assert got[name] == expected[name], name
+        np.testing.assert_allclose(havir_brain_diffuser.scores[name].correlations, correlations[name], rtol=0, atol=1e-6,
+                                   err_msg=name)
     assert 0.2 < expected["pixcorr"] < 0.95 and 0.05 < expected["ssim"] < 0.9
     assert min(expected[n] for n in ("alexnet2", "alexnet5", "inception", "clip")) < 1
 

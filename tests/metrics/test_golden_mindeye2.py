@@ -47,7 +47,8 @@ def all_images_224(stimuli: np.ndarray) -> torch.Tensor:
 
 
 def two_way_identification(all_recons, all_images, model, preprocess, feature_layer=None):
-    """The notebook's function (return_avg=True), with per-image preprocessing as it does."""
+    """The notebook's function (return_avg=True), with per-image preprocessing as it does; it
+    also returns ``r``, the correlations the count comes from (a finer check than the count)."""
     with torch.no_grad():
         preds = model(torch.stack([preprocess(recon[None])[0] for recon in all_recons], dim=0))
         reals = model(torch.stack([preprocess(indiv[None])[0] for indiv in all_images], dim=0))
@@ -62,7 +63,7 @@ def two_way_identification(all_recons, all_images, model, preprocess, feature_la
     congruents = np.diag(r)
     success = r < congruents
     success_cnt = np.sum(success, 0)
-    return np.mean(success_cnt) / (len(all_images) - 1)
+    return np.mean(success_cnt) / (len(all_images) - 1), r
 
 
 def layers(model, names):
@@ -80,8 +81,9 @@ def layers(model, names):
     return run
 
 
-def reference_mindeye2(stimuli: np.ndarray, reconstructions: np.ndarray, networks) -> dict[str, float]:
-    """final_evaluations.ipynb, from loading the images to the eight numbers."""
+def reference_mindeye2(stimuli: np.ndarray, reconstructions: np.ndarray, networks) -> tuple[dict, dict]:
+    """final_evaluations.ipynb, from loading the images to the eight numbers; returns them and
+    the identification metrics' correlation matrices."""
     # cells 4-5: ground truth (224 px, float16) and reconstructions (float in [0, 1])
     all_images = all_images_224(stimuli)
     all_recons = torch.from_numpy(reconstructions).permute(0, 3, 1, 2).contiguous().float() / 255  # as torch.load gives it
@@ -91,7 +93,7 @@ def reference_mindeye2(stimuli: np.ndarray, reconstructions: np.ndarray, network
         all_images = Resize(imsize)(all_images.float()).float()
     if all_recons.shape[-1] != imsize:
         all_recons = Resize(imsize)(all_recons).float()
-    results = {}
+    results, correlations = {}, {}
     # cell 16: PixCorr
     preprocess = Compose([Resize(425)])
     all_images_flattened = preprocess(all_images).reshape(len(all_images), -1).cpu()
@@ -111,15 +113,16 @@ def reference_mindeye2(stimuli: np.ndarray, reconstructions: np.ndarray, network
     # cell 20: AlexNet
     alex_model = layers(networks["alexnet"], ["features.4", "features.11"])
     preprocess = Compose([Resize(256), Normalize(**IMAGENET)])
-    results["alexnet2"] = two_way_identification(all_recons, all_images, alex_model, preprocess, "features.4")
-    results["alexnet5"] = two_way_identification(all_recons, all_images, alex_model, preprocess, "features.11")
+    results["alexnet2"], correlations["alexnet2"] = two_way_identification(all_recons, all_images, alex_model, preprocess, "features.4")
+    results["alexnet5"], correlations["alexnet5"] = two_way_identification(all_recons, all_images, alex_model, preprocess, "features.11")
     # cell 22: Inception v3 (DEFAULT weights: transform_input=True)
     preprocess = Compose([Resize(342), Normalize(**IMAGENET)])
-    results["inception"] = two_way_identification(all_recons, all_images, layers(networks["inception"], ["avgpool"]),
-                                                  preprocess, "avgpool")
+    results["inception"], correlations["inception"] = two_way_identification(
+        all_recons, all_images, layers(networks["inception"], ["avgpool"]), preprocess, "avgpool")
     # cell 24: CLIP encode_image (fp16 on the notebook's GPU; float32 here and in havir)
     preprocess = Compose([Resize(224), Normalize(**CLIP)])
-    results["clip"] = two_way_identification(all_recons, all_images, networks["clip"].encode_image, preprocess, None)
+    results["clip"], correlations["clip"] = two_way_identification(
+        all_recons, all_images, networks["clip"].encode_image, preprocess, None)
     # cells 26, 28: EfficientNet-B1 (DEFAULT = IMAGENET1K_V2) and SwAV, correlation distance
     for name, key, size in (("effnet", "effnet_v2", 255), ("swav", "swav", 224)):
         model = layers(networks[key], ["avgpool"])
@@ -130,7 +133,7 @@ def reference_mindeye2(stimuli: np.ndarray, reconstructions: np.ndarray, network
             fake = model(preprocess(all_recons))["avgpool"]
             fake = fake.reshape(len(fake), -1).cpu().numpy()
         results[name] = np.array([sp.spatial.distance.correlation(gt[i], fake[i]) for i in range(len(gt))]).mean()
-    return results
+    return results, correlations
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +145,7 @@ def havir_mindeye2(golden, tmp_path_factory):
 
 
 def test_mindeye2_preset_equals_the_reference_notebook(golden, havir_mindeye2):
-    expected = reference_mindeye2(golden["truth"], golden["recon"], golden["networks"])
+    expected, correlations = reference_mindeye2(golden["truth"], golden["recon"], golden["networks"])
     got = {name: score.mean for name, score in havir_mindeye2.scores.items()}
     assert set(got) == set(expected)
     assert all(score.protocol for score in havir_mindeye2.scores.values())  # the preset's files, found and loaded
@@ -150,6 +153,8 @@ def test_mindeye2_preset_equals_the_reference_notebook(golden, havir_mindeye2):
         assert got[name] == pytest.approx(expected[name], abs=1e-6, rel=0), name
     for name in ("alexnet2", "alexnet5", "inception", "clip"):
         assert got[name] == expected[name], name
+        np.testing.assert_allclose(havir_mindeye2.scores[name].correlations, correlations[name], rtol=0, atol=1e-6,
+                                   err_msg=name)
     # The data exercise the protocol: scores are neither trivial nor saturated.
     assert 0.2 < expected["pixcorr"] < 0.95 and 0.05 < expected["ssim"] < 0.9
     assert 0 < expected["effnet"] < 1 and 0 < expected["swav"] < 1
