@@ -444,7 +444,3 @@ def load_standin_network() -> FeatureNetwork:
         STANDIN_RESIZE, tuple(LITE0_MEAN), tuple(LITE0_STD), False, str(path), "file",
     )
 
-
-def protocol_network_names() -> tuple[str, ...]:
-    """Names of the protocol networks, in the order their metrics are reported."""
-    return tuple(dict.fromkeys(metric.network for metric in PROTOCOL_METRICS))

@@ -240,14 +240,10 @@ _PIL_FILTERS = {"bilinear": PIL.Image.Resampling.BILINEAR, "bicubic": PIL.Image.
 
 
 def _as_uint8_arrays(images) -> np.ndarray:
-    """(n, h, w, 3) uint8 from uint8 arrays or float tensors (n, 3, h, w) holding k/255 values."""
-    if isinstance(images, torch.Tensor):
-        scaled = images.permute(0, 2, 3, 1).double().numpy() * 255.0
-        rounded = np.rint(scaled)
-        if np.abs(scaled - rounded).max(initial=0) > 1e-3:
-            raise ValueError("a PIL resize needs 8-bit images, got float images that are not k/255")
-        return rounded.astype(np.uint8)
-    return np.asarray(images, dtype=np.uint8)
+    """(n, h, w, 3) uint8 for a PIL step: PIL resizes 8-bit images, so a float batch is refused."""
+    if isinstance(images, torch.Tensor) or np.asarray(images).dtype != np.uint8:
+        raise TypeError("a PIL resize takes uint8 (n, h, w, 3) images: put it before any float step of the preset")
+    return np.asarray(images)
 
 
 def as_float_tensor(images) -> torch.Tensor:
