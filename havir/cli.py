@@ -266,6 +266,7 @@ def eval_command(
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for eval.json, per_image.csv, report.html (default RECON/eval).")] = None,
     weights_dir: Annotated[Optional[Path], typer.Option("--weights-dir", help="Folder holding the feature networks' weight files (looked in first).")] = None,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Score what the weights on this machine allow; list the rest under skipped.")] = False,
+    protocol: Annotated[str, typer.Option("--protocol", help="Evaluation preset: mindeye2 (the published table) or brain-diffuser (its own paper).")] = "mindeye2",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass of a feature network.")] = 32,
     device: DeviceOpt = "auto",
     as_json: JsonOpt = False,
@@ -274,28 +275,67 @@ def eval_command(
     _refuse_launch("eval")
     from havir.devices import resolve_device
     from havir.metrics.evaluate import evaluate_folder
+    from havir.metrics.protocols import get_preset
 
     check_options(_EVAL_OPTIONS, batch_size=batch_size)
-    resolve_device(device)  # a bad --device is refused before any image is read
+    preset = get_preset(protocol)
+    resolve_device(device)  # a bad --device or --protocol is refused before any image is read
     from havir.io import output_folder
 
     # Locked like every output folder (the evaluation reads RECON, which must exist, and writes OUT).
     with output_folder(out or recon / "eval") if recon.is_dir() else contextlib.nullcontext():
         evaluation = evaluate_folder(
-            recon, data, subject, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
+            recon, data, subject, protocol=preset, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
             device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
         )
     summary = evaluation.summary()
     if as_json:
         _emit(summary, as_json, "")
         return
-    table = Table("metric", "mean", "95% CI", "network", title=f"{summary['n']} reconstructions of subj{subject:02d}", title_justify="left")
+    table = Table("metric", "mean", "95% CI", "network", title=f"{summary['n']} reconstructions of subj{subject:02d} ({protocol} preset)", title_justify="left")
     for name, score in evaluation.scores.items():
         table.add_row(name, f"{score.mean:.4f}", f"[{score.interval[0]:.4f}, {score.interval[1]:.4f}]", score.network)
     stdout_console.print(table)
     for name, reason in evaluation.skipped.items():
         stdout_console.print(f"skipped {name}: {reason}", markup=False, highlight=False)
+    for note in evaluation.notes:
+        stdout_console.print(f"note: {note}", markup=False, highlight=False)
     stdout_console.print(f"report: {evaluation.outputs['report']}", markup=False, highlight=False)
+
+
+@app.command("table")
+def table_command(
+    evals: Annotated[list[Path], typer.Argument(help="eval.json files (or their folders), one per subject.")],
+    method: Annotated[Optional[str], typer.Option("--method", help="Name of the method in the printed row (default: the recorded one).")] = None,
+    style: Annotated[Optional[str], typer.Option("--format", help="markdown, csv or latex (default: a terminal table).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Average several subjects' eval.json into the published-style row, beside the published rows of its preset."""
+    from havir.metrics.table import render, subject_table, table_rows
+
+    table = subject_table(evals, method=method)
+    if as_json:
+        _emit(table.to_json(), as_json, "")
+        return
+    if style is not None:
+        sys.stdout.write(render(table, style))
+        return
+    header, rows = table_rows(table)
+    view = Table(title=f"{table.preset} preset: published rows and the mean over subjects {', '.join(map(str, table.subjects))}",
+                 title_justify="left")
+    view.add_column(header[0], no_wrap=True)
+    for title in header[1:-1]:
+        view.add_column(title, justify="right")
+    for row in rows:
+        view.add_row(*row[:-1])  # the protocol column is printed below: the table fits a terminal
+    # Numbers are never cut to fit 80 columns: a narrow terminal wraps the lines instead.
+    Console(width=max(stdout_console.width, 110)).print(view)
+    lines = [f"{row[0]}: {row[-1]}" for row in rows]
+    if table.missing:
+        lines.append(f"left out (not computed for every subject): {', '.join(table.missing)}")
+    lines += [f"not comparable, {reason}: {row.method}" for row, reason in table.other_presets]
+    for line in lines:
+        stdout_console.print(line, markup=False, highlight=False)
 
 
 @app.command()

@@ -8,7 +8,6 @@ offline, can be mailed, and does not break when the folders move.
 from __future__ import annotations
 
 import base64
-import html
 import io
 import json
 from collections.abc import Sequence
@@ -16,9 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import PIL.Image
+from markupsafe import Markup
 
+from havir.errors import MissingInputError
 from havir.io import atomic_path
-from havir.metrics.evaluate import PROTOCOL_NAMES, PUBLISHED_PROTOCOL, Evaluation, comparison_rows, load_reconstructions
+from havir.metrics.evaluate import PROTOCOL_NAMES, Evaluation, comparison_rows, load_reconstructions
 
 #: Column order of the image grid; folders with another mode (or none) follow by name.
 _MODE_ORDER = ("structural", "fused", "semantic")
@@ -38,19 +39,27 @@ th:first-child, td:first-child, table:not(.grid) td:last-child { text-align: lef
 """
 
 
-def reconstruction_columns(recon: Path) -> list[tuple[str, Path]]:
+def reconstruction_columns(recon: Path) -> tuple[list[tuple[str, Path]], list[str]]:
     """(label, folder) for the scored folder and every sibling written by `havir reconstruct`
-    (it holds a ``manifest.json``), labelled by mode, in the order structural, fused, semantic."""
+    (it holds a ``manifest.json``), labelled by mode, in the order structural, fused, semantic;
+    and a note for each sibling left out because its manifest cannot be read. A sibling is only
+    shown, never scored, so a broken one never stops the evaluation of ``recon``."""
     recon = Path(recon)
     folders = [recon] + sorted(p for p in recon.parent.iterdir() if p.is_dir() and p != recon and (p / "manifest.json").is_file())
-
-    def label(folder: Path) -> str:
+    columns, notes = [], []
+    for folder in folders:
         manifest = folder / "manifest.json"
-        return json.loads(manifest.read_text()).get("mode", folder.name) if manifest.is_file() else folder.name
-
-    columns = [(label(folder), folder) for folder in folders]
+        try:
+            mode = json.loads(manifest.read_text()).get("mode", folder.name) if manifest.is_file() else folder.name
+        except (OSError, ValueError, AttributeError) as err:
+            if folder == recon:
+                mode = folder.name
+            else:
+                notes.append(f"sibling folder {folder} not shown: its manifest.json cannot be read ({type(err).__name__})")
+                continue
+        columns.append((str(mode), folder))
     rank = {mode: i for i, mode in enumerate(_MODE_ORDER)}
-    return sorted(columns, key=lambda column: (rank.get(column[0], len(rank)), column[0]))
+    return sorted(columns, key=lambda column: (rank.get(column[0], len(rank)), column[0])), notes
 
 
 def _data_uri(image: np.ndarray | bytes, side: int | None = 128) -> str:
@@ -92,15 +101,42 @@ def bar_chart(evaluation: Evaluation) -> bytes:
     return buffer.getvalue()
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def _format(name: str, value: float) -> str:
     percent = name not in ("pixcorr", "ssim", "effnet", "swav")
     return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+
+
+# Every value is escaped by Jinja2's autoescape (strings from the prepared data, folder names,
+# manifests and labels included); only the data URIs, which this module builds, are trusted.
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title><style>{{ style }}</style></head>
+<body>
+<h1>{{ title }}</h1>
+<p>Subject {{ data.subject }}, {{ data.sessions }} sessions, {{ n }} test images; protocol preset
+<b>{{ preset }}</b>; scored folder <code>{{ recon }}</code>.</p>
+{% if notes %}<div class="note">{% for note in notes %}<p>{{ note }}</p>{% endfor %}</div>{% endif %}
+<h2>Metrics</h2>
+<table><tr>{% for h in ["metric", "mean", "95% CI (bootstrap)", "better", "network"] %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for row in metric_rows %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
+{% endfor %}</table>
+{% if skipped %}<p>Skipped:</p><ul>{% for name, reason in skipped.items() %}<li><b>{{ name }}</b>: {{ reason }}</li>{% endfor %}</ul>{% endif %}
+<img src="{{ chart }}" alt="bar chart of the metrics">
+<h2>Against published pipelines ({{ preset }} preset)</h2>
+<p>Only rows computed with the same preset are comparable; numbers from another subject, session
+count or image count, or from a network that is not the protocol's, are not comparable either.</p>
+{% for line in comparison.notes %}<p class="note">{{ line }}</p>{% endfor %}
+{% if comparison.rows|length > 1 %}{{ table(comparison.rows, "protocol") }}{% else %}<p>No published row was computed with the {{ preset }} preset.</p>{{ table(comparison.rows, "protocol") }}{% endif %}
+{% if comparison.other_presets %}<h3>Rows of other presets (not comparable with this run)</h3>
+{{ table(comparison.other_presets, "reason") }}{% endif %}
+<h2>Reconstructions (first {{ grid_rows|length }} test images)</h2>
+<table class="grid"><tr><th>stimulus</th>{% for label in grid_labels %}<th>{{ label }}</th>{% endfor %}<th>nsdId</th></tr>
+{% for row in grid_rows %}<tr><td><img src="{{ row.stimulus }}" alt="stimulus"></td>{% for label, uri in row.images %}<td><img src="{{ uri }}" alt="{{ label }}"></td>{% endfor %}<td>{{ row.nsd_id }}</td></tr>
+{% endfor %}</table>
+</body></html>
+"""
+_COMPARISON = """<table><tr><th>method</th>{% for n in names %}<th>{{ titles[n] }}</th>{% endfor %}<th>{{ last }}</th></tr>
+{% for row in rows %}<tr><td>{{ row.method }}</td>{% for n in names %}<td>{{ fmt(n, row[n]) if n in row else "—" }}</td>{% endfor %}<td>{{ row[last] }}</td></tr>
+{% endfor %}</table>"""
 
 
 def write_report(
@@ -116,63 +152,52 @@ def write_report(
     """Write ``out/report.html`` and ``out/metrics.png`` (the bar chart); returns the report's path.
 
     ``ground_truth`` : uint8 (n, s, s, 3) in the order of ``evaluation.nsd_ids``. ``notes`` are
-    shown first, in a highlighted box (the demo says there which components are random).
+    shown first, in a highlighted box (the demo says there which components are random); notes
+    about sibling folders left out are added to ``evaluation.notes``.
     """
+    from jinja2 import Environment
+
     out = Path(out)
     chart = bar_chart(evaluation)
     with atomic_path(out / "metrics.png") as temporary:
         temporary.write_bytes(chart)
 
-    data = evaluation.protocol.get("data", {})
     metric_rows = [
-        [html.escape(_TITLES.get(name, name)), _format(name, score.mean),
+        [_TITLES.get(name, name), _format(name, score.mean),
          f"[{_format(name, score.interval[0])}, {_format(name, score.interval[1])}]",
-         "higher" if score.higher_is_better else "lower", html.escape(score.network)]
+         "higher" if score.higher_is_better else "lower", score.network]
         for name, score in evaluation.scores.items()
     ]
-    comparison = [
-        [html.escape(row["method"]), *(_format(n, row[n]) if n in row else "—" for n in PROTOCOL_NAMES), html.escape(row["protocol"])]
-        for row in comparison_rows(evaluation, "this run")
-    ]
-    skipped = "".join(f"<li><b>{html.escape(k)}</b>: {html.escape(v)}</li>" for k, v in evaluation.skipped.items())
-
-    columns = reconstruction_columns(recon)
+    columns, column_notes = reconstruction_columns(recon)
     shown = np.arange(min(grid_images, len(evaluation.nsd_ids)))
     column_images = {}
     for label, folder in columns:
         try:
             column_images[folder] = load_reconstructions(folder, evaluation.nsd_ids[shown], exact=False)
-        except FileNotFoundError:  # a sibling run with --limit: leave its column out
+        except MissingInputError:  # a sibling run with --limit: its column is left out
             continue
+        except (ValueError, OSError) as err:  # a broken sibling: shown without it, with a note
+            column_notes.append(f"sibling folder {folder} not shown: {err}")
+    evaluation.notes.extend(column_notes)
     columns = [(label, folder) for label, folder in columns if folder in column_images]
-    grid_rows = []
-    for row in shown:
-        cells = [f'<img src="{_data_uri(ground_truth[row])}" alt="stimulus">']
-        cells += [f'<img src="{_data_uri(column_images[folder][row])}" alt="{html.escape(label)}">' for label, folder in columns]
-        grid_rows.append([*cells, str(int(evaluation.nsd_ids[row]))])
-    grid_header = ["stimulus", *(label for label, _ in columns), "nsdId"]
-    grid = _table(grid_header, grid_rows).replace("<table>", '<table class="grid">', 1)
+    grid_rows = [
+        {"stimulus": _data_uri(ground_truth[row]), "nsd_id": int(evaluation.nsd_ids[row]),
+         "images": [(label, _data_uri(column_images[folder][row])) for label, folder in columns]}
+        for row in shown
+    ]
+    environment = Environment(autoescape=True)
+    table = environment.from_string(_COMPARISON)
 
-    notes_html = "".join(f"<p>{html.escape(note)}</p>" for note in notes)
-    page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
-<body>
-<h1>{html.escape(title)}</h1>
-<p>Subject {data.get('subject')}, {data.get('sessions')} sessions, {len(evaluation.nsd_ids)} test images;
-scored folder <code>{html.escape(str(recon))}</code>.</p>
-{f'<div class="note">{notes_html}</div>' if notes else ''}
-<h2>Metrics</h2>
-{_table(["metric", "mean", "95% CI (bootstrap)", "better", "network"], metric_rows)}
-{f'<p>Skipped:</p><ul>{skipped}</ul>' if skipped else ''}
-<img src="{_data_uri(chart)}" alt="bar chart of the metrics">
-<h2>Against published pipelines</h2>
-<p>Published rows: {html.escape(PUBLISHED_PROTOCOL)}. Numbers from another subject, session count
-or image count, or from a network that is not the protocol's, are not comparable with them.</p>
-{_table(["method", *(_TITLES[n] for n in PROTOCOL_NAMES), "protocol"], comparison)}
-<h2>Reconstructions (first {len(shown)} test images)</h2>
-{grid}
-</body></html>
-"""
+    def comparison_table(rows, last):
+        return Markup(table.render(rows=rows, names=PROTOCOL_NAMES, titles=_TITLES, last=last, fmt=_format))
+
+    page = environment.from_string(_PAGE).render(
+        title=title, style=Markup(_STYLE), data=evaluation.protocol.get("data", {}), n=len(evaluation.nsd_ids),
+        preset=evaluation.protocol.get("preset", "mindeye2"), recon=str(recon), notes=[*notes, *evaluation.notes],
+        metric_rows=metric_rows, skipped=evaluation.skipped, chart=_data_uri(chart),
+        comparison=comparison_rows(evaluation, "this run"), table=comparison_table,
+        grid_labels=[label for label, _ in columns], grid_rows=grid_rows,
+    )
     path = out / "report.html"
     with atomic_path(path) as temporary:
         temporary.write_text(page, encoding="utf-8")

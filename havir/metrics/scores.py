@@ -6,12 +6,14 @@ CSV come from the same numbers); the reported metric is the mean. Inputs follow 
 ``ground_truth`` / ``reconstructions`` : arrays of shape (n_images, ...), row i of one is the
     pair of row i of the other.
 ``images`` : uint8 arrays (n, height, width, 3) or float arrays in [0, 1] of the same shape.
+
+Resizing (which protocol, which library, which size) is not done here: it is a step of the
+protocol preset (:mod:`havir.metrics.protocols`), applied before these functions.
 """
 
 from __future__ import annotations
 
 import numpy as np
-import torch
 from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
 
@@ -27,30 +29,10 @@ def as_unit_float(images: np.ndarray) -> np.ndarray:
         return images.astype(np.float64) / 255.0
     if not np.issubdtype(images.dtype, np.floating):
         raise TypeError(f"images must be uint8 or float in [0, 1], got {images.dtype}")
-    if images.size and (images.min() < 0 or images.max() > 1):
+    # A float32 resize of values in [0, 1] may leave them an ulp outside: tolerate rounding only.
+    if images.size and (images.min() < -1e-6 or images.max() > 1 + 1e-6):
         raise ValueError(f"float images must lie in [0, 1], got values in [{images.min():.3g}, {images.max():.3g}]")
     return images.astype(np.float64)
-
-
-def resize_images(images: np.ndarray | torch.Tensor, side: int) -> torch.Tensor:
-    """Resize (n, h, w, 3) images in [0, 1] (or uint8) to (n, 3, side, side) float32, bilinear with
-    antialiasing: torchvision's ``Resize`` on tensors, as the published evaluation code runs it."""
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2.functional import resize
-
-    batch = torch.as_tensor(np.asarray(images))
-    batch = batch.float() / 255.0 if batch.dtype == torch.uint8 else batch.float()
-    batch = batch.permute(0, 3, 1, 2)
-    if batch.shape[-2:] == (side, side):
-        return batch.contiguous()
-    return resize(batch, [side, side], interpolation=InterpolationMode.BILINEAR, antialias=True).clamp(0, 1)
-
-
-def _at_ground_truth_size(reconstructions: np.ndarray, side: int) -> np.ndarray:
-    """Reconstructions in float64 [0, 1] at the ground truth's (square) size, (n, side, side, 3)."""
-    if reconstructions.shape[1:3] == (side, side):
-        return as_unit_float(reconstructions)
-    return resize_images(reconstructions, side).permute(0, 2, 3, 1).double().numpy()
 
 
 def _check_pairs(ground_truth: np.ndarray, reconstructions: np.ndarray) -> None:
@@ -58,40 +40,49 @@ def _check_pairs(ground_truth: np.ndarray, reconstructions: np.ndarray) -> None:
         raise ValueError(f"{len(ground_truth)} ground-truth images but {len(reconstructions)} reconstructions")
     if len(ground_truth) == 0:
         raise ValueError("no images to score")
-    if ground_truth.ndim != 4 or ground_truth.shape[1] != ground_truth.shape[2] or ground_truth.shape[3] != 3:
-        raise ValueError(f"ground truth must be square RGB images (n, s, s, 3), got shape {ground_truth.shape}")
-    if reconstructions.ndim != 4 or reconstructions.shape[3] != 3:
-        raise ValueError(f"reconstructions must be RGB images (n, h, w, 3), got shape {reconstructions.shape}")
+    if ground_truth.ndim != 4 or ground_truth.shape[3] != 3:
+        raise ValueError(f"ground truth must be RGB images (n, h, w, 3), got shape {ground_truth.shape}")
+    if reconstructions.shape != ground_truth.shape:
+        raise ValueError(
+            f"reconstructions of shape {reconstructions.shape} against ground truth of shape {ground_truth.shape}: "
+            "bring both to the protocol's pixel size first (havir.metrics.protocols.pixel_images)"
+        )
 
 
-def pixel_pairs(ground_truth: np.ndarray, reconstructions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Both image sets as float64 in [0, 1] at the ground truth's size, (n, s, s, 3) each: the
-    reconstructions resized (bilinear) once, for PixCorr and SSIM alike."""
-    _check_pairs(ground_truth, reconstructions)
-    return as_unit_float(ground_truth), _at_ground_truth_size(reconstructions, ground_truth.shape[1])
-
-
-def pixcorr(ground_truth: np.ndarray, reconstructions: np.ndarray, *, paired: bool = False) -> np.ndarray:
+def pixcorr(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:
     """PixCorr per image: Pearson r between the flattened RGB pixels of the ground truth and the
-    reconstruction resized (bilinear) to the ground truth's size, both in [0, 1]. Shape (n,).
-    ``paired``: the inputs are already :func:`pixel_pairs`."""
-    truth, recon = (ground_truth, reconstructions) if paired else pixel_pairs(ground_truth, reconstructions)
+    reconstruction, both (n, s, s, 3) in [0, 1] (or uint8) at the same size. Shape (n,) float64
+    (correlations are accumulated in float64 whatever the input's precision, as ``np.corrcoef``)."""
+    truth, recon = np.asarray(ground_truth), np.asarray(reconstructions)
+    _check_pairs(truth, recon)
+    truth, recon = as_unit_float(truth), as_unit_float(recon)
     return row_correlations(truth.reshape(len(truth), -1), recon.reshape(len(recon), -1))
 
 
-def ssim(ground_truth: np.ndarray, reconstructions: np.ndarray, *, paired: bool = False) -> np.ndarray:
-    """SSIM per image, on grayscale at the ground truth's size: scikit-image's 2-D SSIM with
-    Gaussian weights (sigma 1.5), population covariance and data range 1 (Wang et al. 2004).
-    ``channel_axis=None`` on 2-D grayscale is the true 2-D SSIM (the old ``multichannel`` trap
-    computed a per-column 1-D one). Shape (n,). ``paired``: the inputs are already :func:`pixel_pairs`."""
-    truth, recon = (ground_truth, reconstructions) if paired else pixel_pairs(ground_truth, reconstructions)
+def ssim(ground_truth: np.ndarray, reconstructions: np.ndarray, *, variant: str = "2d") -> np.ndarray:
+    """SSIM per image on grayscale (``rgb2gray``), both sets (n, s, s, 3) in [0, 1] at the same
+    size: scikit-image's SSIM with Gaussian weights (sigma 1.5), population covariance, data range 1.
+
+    ``variant`` "2d" is the true 2-D SSIM (Wang et al. 2004; ``channel_axis=None``).
+    "per-column-1d" is what old scikit-image computed for ``multichannel=True`` on a 2-D
+    grayscale image (Brain-Diffuser's script): the last axis taken as channels, so a 1-D SSIM
+    down each pixel column, averaged over columns. The computation keeps the input's float
+    precision (float32 stays float32, as in scikit-image). Shape (n,) float64.
+    """
+    truth, recon = np.asarray(ground_truth), np.asarray(reconstructions)
+    _check_pairs(truth, recon)
+    if variant not in ("2d", "per-column-1d"):
+        raise ValueError(f"SSIM variant must be '2d' or 'per-column-1d', got {variant!r}")
+    if truth.dtype == np.uint8:
+        truth, recon = as_unit_float(truth), as_unit_float(recon)
+    channel_axis = None if variant == "2d" else -1
     return np.array([
         structural_similarity(
-            rgb2gray(t), rgb2gray(r), gaussian_weights=True, sigma=1.5,
-            use_sample_covariance=False, data_range=1.0, channel_axis=None,
+            rgb2gray(r), rgb2gray(t), gaussian_weights=True, sigma=1.5,
+            use_sample_covariance=False, data_range=1.0, channel_axis=channel_axis,
         )
         for t, r in zip(truth, recon)
-    ])
+    ], dtype=np.float64)
 
 
 def _standardised_blocks(features: np.ndarray):
@@ -133,12 +124,15 @@ def two_way_identification(ground_truth: np.ndarray, reconstructions: np.ndarray
     """Two-way identification per reconstruction: with C = :func:`correlation_matrix`, the
     fraction of the other n - 1 ground truths i != j with C[i, j] < C[j, j]. Chance is 0.5; the
     metric is the mean over j (MindEye's and Brain-Diffuser's definition). Shape (n,)."""
-    n = len(ground_truth)
-    if n < 2:
+    if len(ground_truth) < 2:
         raise ValueError("two-way identification needs at least two images")
-    matrix = correlation_matrix(ground_truth, reconstructions)
+    return identification_from_correlations(correlation_matrix(ground_truth, reconstructions))
+
+
+def identification_from_correlations(matrix: np.ndarray) -> np.ndarray:
+    """Two-way identification per reconstruction from C = :func:`correlation_matrix`, (n,)."""
     own = np.diag(matrix)
-    return (matrix < own[None, :]).sum(axis=0) / (n - 1)  # the diagonal is never < itself
+    return (matrix < own[None, :]).sum(axis=0) / (len(matrix) - 1)  # the diagonal is never < itself
 
 
 def correlation_distance(ground_truth: np.ndarray, reconstructions: np.ndarray) -> np.ndarray:

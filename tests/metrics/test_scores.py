@@ -8,7 +8,8 @@ from skimage.metrics import structural_similarity
 from torch import nn
 
 from havir.metrics import scores
-from havir.metrics.networks import FeatureMetric, FeatureNetwork
+from havir.metrics.networks import FeatureNetwork
+from havir.metrics.protocols import FeatureMetric, Resize
 from havir.metrics.evaluate import score_images
 
 
@@ -74,13 +75,11 @@ def test_pixcorr_against_numpy(image_pairs):
     assert np.all(scores.pixcorr(truth, truth) > 1 - 1e-12)
 
 
-def test_pixcorr_resizes_the_reconstruction_to_the_ground_truth(image_pairs):
+def test_pixel_scores_refuse_images_of_different_sizes(image_pairs):
     truth, _ = image_pairs
-    smooth = np.stack([np.kron(t[::2, ::2], np.ones((2, 2, 1))) for t in truth]).astype(np.uint8)  # 40 px, blocky
-    larger = np.stack([np.kron(t, np.ones((2, 2, 1))) for t in smooth]).astype(np.uint8)  # the same at 80 px
-    at_size = scores.pixcorr(smooth, smooth)
-    resized = scores.pixcorr(smooth, larger)
-    assert np.all(resized > 0.95) and np.all(resized <= at_size + 1e-12)
+    larger = np.stack([np.kron(t, np.ones((2, 2, 1))) for t in truth]).astype(np.uint8)
+    with pytest.raises(ValueError, match="pixel size first"):
+        scores.pixcorr(truth, larger)  # resizing is the protocol preset's step, never implicit
     with pytest.raises(ValueError, match="reconstructions"):
         scores.pixcorr(truth, truth[:3])
 
@@ -130,7 +129,7 @@ def test_scores_do_not_depend_on_batch_size_or_order(image_pairs):
     rng = np.random.default_rng(4)
     truth = rng.integers(0, 256, (9, 40, 40, 3), dtype=np.uint8)
     recon = np.clip(truth + rng.normal(scale=80, size=truth.shape), 0, 255).astype(np.uint8)
-    network = FeatureNetwork("tinyconv", "test network, random weights", _TinyConv(), input_size=32)
+    network = FeatureNetwork("tinyconv", "test network, random weights", _TinyConv(), Resize(32, "tensor", "bilinear", True))
     metrics = (FeatureMetric("ident", "tinyconv", "map", "identification"), FeatureMetric("dist", "tinyconv", "pooled", "distance"))
 
     def run(t, r, batch_size):
