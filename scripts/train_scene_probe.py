@@ -31,7 +31,7 @@ from torchvision.transforms.v2.functional import gaussian_blur
 
 from havir.demo_world.probe import KIND_NAMES, PROBE_WEIGHTS, SceneProbe, content_scores, scene_labels
 from havir.io import package_versions
-from havir.metrics.scores import resize_images
+from havir.metrics.protocols import Resize, resize
 from havir.nsd.scenes import render_scene, sample_scene
 
 HELD_OUT_SEED = 10_000  # added to --seed: the held-out scenes come from another stream
@@ -54,7 +54,7 @@ def rendered_batch(rng: np.random.Generator, n: int, side: int, degrade: bool):
     pixels = []
     for scene in scenes:
         rendered = render_scene(scene, int(rng.choice([64, 128])) if degrade else side)
-        pixels.append(resize_images(np.array(rendered[None]), side)[0])  # a writable copy for torch
+        pixels.append(resize(np.array(rendered[None]), Resize(side, "tensor", antialias=True))[0])  # a writable copy for torch
     pixels = torch.stack(pixels)
     if degrade:
         for i in range(n):

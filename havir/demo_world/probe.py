@@ -31,7 +31,7 @@ from torch import nn
 
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, write_json
-from havir.metrics.scores import resize_images
+from havir.metrics.protocols import Resize, resize
 from havir.nsd.scenes import BACKGROUNDS, KINDS, Scene
 
 #: The probe shipped with HAVIR (trained by scripts/train_scene_probe.py; fp16 safetensors).
@@ -140,7 +140,7 @@ class SceneProbe(nn.Module):
             raise InvalidInputError(f"the scene probe reads images of shape (n, height, width, 3), got {images.shape}")
         backgrounds, kinds = [], []
         for start in range(0, len(images), batch_size):
-            pixels = resize_images(images[start : start + batch_size], self.config["side"])
+            pixels = resize(images[start : start + batch_size], Resize(self.config["side"], "tensor", antialias=True))
             background_logits, kind_logits = self.logits(pixels.to(next(self.parameters()).device))
             backgrounds.append(background_logits.argmax(-1).cpu().numpy())
             kinds.append((kind_logits > 0).cpu().numpy())
