@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 import PIL.Image
+import pytest
 import torch
 from torch import nn
 
@@ -139,3 +140,20 @@ def write_pngs(folder, nsd_ids: np.ndarray, images: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for nsd_id, image in zip(nsd_ids, images):
         PIL.Image.fromarray(image).save(folder / f"{int(nsd_id)}.png")
+
+
+def assert_equals_reference(evaluation, expected: dict, correlations: dict) -> None:
+    """``havir eval``'s scores equal the reference's: PixCorr, SSIM and distances to 1e-6,
+    identification exactly, and each identification's correlation matrix to 1e-6 (over 5 images
+    the counts alone missed a changed resize size)."""
+    got = {name: score.mean for name, score in evaluation.scores.items()}
+    assert set(got) == set(expected)
+    assert all(score.protocol for score in evaluation.scores.values())  # the preset's files, found and loaded
+    for name in ("pixcorr", "ssim", "effnet", "swav"):
+        assert got[name] == pytest.approx(expected[name], abs=1e-6, rel=0), name
+    for name in ("alexnet2", "alexnet5", "inception", "clip"):
+        assert got[name] == expected[name], name
+        np.testing.assert_allclose(evaluation.scores[name].correlations, correlations[name], rtol=0, atol=1e-6, err_msg=name)
+    # The data exercise the protocol: scores are neither trivial nor saturated.
+    assert 0.2 < expected["pixcorr"] < 0.95 and 0.05 < expected["ssim"] < 0.9
+    assert min(expected[n] for n in ("alexnet2", "alexnet5", "inception", "clip")) < 1

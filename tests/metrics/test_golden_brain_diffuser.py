@@ -18,6 +18,7 @@ from skimage.color import rgb2gray
 from skimage.metrics import structural_similarity
 
 from havir.metrics.evaluate import evaluate_folder
+from tests.metrics.golden import assert_equals_reference
 
 IMAGENET = dict(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
 CLIP = dict(mean=[0.48145466, 0.4578275, 0.40821073], std=[0.26862954, 0.26130258, 0.27577711])
@@ -125,17 +126,7 @@ def havir_brain_diffuser(golden, tmp_path_factory):
 
 def test_brain_diffuser_preset_equals_the_reference_scripts(golden, havir_brain_diffuser):
     expected, correlations = reference_brain_diffuser(golden["truth"], golden["recon"], golden["networks"])
-    got = {name: score.mean for name, score in havir_brain_diffuser.scores.items()}
-    assert set(got) == set(expected)
-    assert all(score.protocol for score in havir_brain_diffuser.scores.values())
-    for name in ("pixcorr", "ssim", "effnet", "swav"):
-        assert got[name] == pytest.approx(expected[name], abs=1e-6, rel=0), name
-    for name in ("alexnet2", "alexnet5", "inception", "clip"):
-        assert got[name] == expected[name], name
-        np.testing.assert_allclose(havir_brain_diffuser.scores[name].correlations, correlations[name], rtol=0, atol=1e-6,
-                                   err_msg=name)
-    assert 0.2 < expected["pixcorr"] < 0.95 and 0.05 < expected["ssim"] < 0.9
-    assert min(expected[n] for n in ("alexnet2", "alexnet5", "inception", "clip")) < 1
+    assert_equals_reference(havir_brain_diffuser, expected, correlations)
 
 
 def test_the_per_column_ssim_is_not_the_2d_ssim(golden, havir_brain_diffuser):
