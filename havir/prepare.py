@@ -104,6 +104,14 @@ def reading_prepared(path: Path):
     return reading_hdf5(path, what="prepared file", fix="delete it and run `havir prepare` again")
 
 
+def prepared_normalisation(path: Path) -> str:
+    """Which normalisation (a key of :data:`NORMALISATIONS`) a prepared file's betas went
+    through, for the records of the results made from it. Files written before the choice
+    existed hold no ``method`` attribute and were all z-scored with ``"training"``."""
+    with reading_prepared(path) as h5:
+        return str(h5["normalisation"].attrs.get("method", "training"))
+
+
 def load_split(path: Path, split: str) -> PreparedSubject:
     """Load the ``"train"`` or ``"test"`` trials of a prepared file."""
     with reading_prepared(path) as h5:
