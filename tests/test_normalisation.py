@@ -142,18 +142,22 @@ def test_a_session_without_training_trials_is_an_error_naming_it(_small_nsd, tmp
     assert prepare_subject(root, 1, tmp_path / "training", progress=False)["train_trials"] > 0
 
 
-def test_an_interrupted_session_run_resumes_to_the_same_file(small_nsd, tmp_path, interrupt_on_call):
+@pytest.mark.parametrize("resumed_with", ["session", "training"])
+def test_an_interrupted_session_run_resumes_to_the_same_file(small_nsd, tmp_path, interrupt_on_call, resumed_with):
+    """Killed in session 2 and run again: the same file as an uninterrupted run. The raw file
+    holds unnormalised betas, so a rerun with the other normalisation resumes from it too."""
     root, _ = small_nsd
-    whole = _prepare(root, tmp_path / "whole", "session")
+    whole = _prepare(root, tmp_path / "whole", resumed_with)
     restore = interrupt_on_call(havir.prepare, "read_masked_betas", 2)
     with pytest.raises(KeyboardInterrupt):
         _prepare(root, tmp_path / "resumed", "session")
     restore()
-    summary = prepare_subject(root, 1, tmp_path / "resumed", betas_format="hdf5", normalisation="session", progress=False)
+    summary = prepare_subject(root, 1, tmp_path / "resumed", betas_format="hdf5", normalisation=resumed_with, progress=False)
     assert summary["resumed_sessions"] == 1
     with h5py.File(whole) as a, h5py.File(tmp_path / "resumed/subj01.h5") as b:
         names = []
         a.visit(lambda name: names.append(name) if isinstance(a[name], h5py.Dataset) else None)
-        assert "normalisation/session_semantic_std" in names
+        assert b["normalisation"].attrs["method"] == resumed_with
+        assert f"normalisation/{'session_' if resumed_with == 'session' else ''}semantic_std" in names
         for name in names:
             np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
