@@ -163,6 +163,7 @@ def prepare(
     definition: DefinitionOpt = None,
     betas_format: Annotated[str, typer.Option("--betas-format", help="auto (HDF5 where present), hdf5 or nifti.")] = "auto",
     captions_dir: Annotated[Optional[Path], typer.Option("--captions-dir", help="Folder with COCO's captions_*2017.json.")] = None,
+    normalisation: Annotated[str, typer.Option("--normalisation", help="training (z-score with all training trials) or session (with each session's training trials).")] = "training",
     as_json: JsonOpt = False,
 ) -> None:
     """Mask, normalise and split one subject's betas into a training-ready file."""
@@ -170,7 +171,7 @@ def prepare(
 
     summary = prepare_subject(
         nsd_root, subject, out, sessions=sessions, definition=definition, betas_format=betas_format,
-        captions_dir=captions_dir, progress=not as_json or sys.stderr.isatty(),
+        captions_dir=captions_dir, normalisation=normalisation, progress=not as_json or sys.stderr.isatty(),
     )
     _emit(summary, as_json, f"prepared subj{subject:02d}")
 

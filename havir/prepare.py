@@ -4,7 +4,9 @@ What it does, in order: build the subject's structural and semantic masks; read 
 betas for the masked voxels only (HDF5 where present, else NIfTI), as percent signal change;
 label each trial with its image (``nsdId``), repetition and split (test iff the image is one of
 the shared images); z-score every voxel with the mean and standard deviation of the *training*
-trials only; join each image's COCO captions; copy the test stimuli, for evaluation.
+trials only (``normalisation="training"``: of all sessions together; ``"session"``: of each
+session's own training trials, which removes session-to-session drift); join each image's COCO
+captions; copy the test stimuli, for evaluation.
 
 Memory stays near one session's masked data: sessions stream, as read, into a hidden resumable
 file (``.subjXX.h5.partial``, checksummed chunks), statistics are merged session by session, and
@@ -29,7 +31,10 @@ Output, ``OUT/subjXX.h5`` (``n`` = trials of a split, ``v`` = voxels of a set):
 ``test/stimulus_nsd_id`` (m,)      their ids
 ``captions/nsd_id``, ``/text``     one row per caption of every image the subject saw
 ``voxels/structural`` (v, 3)       (x, y, z) index of each column on the functional grid
-``normalisation/*_mean``, ``_std``  the training statistics used (percent signal change)
+``normalisation/*_mean``, ``_std``  the training statistics used (percent signal change), (v,);
+                                   with ``"session"`` instead ``normalisation/session_*_mean``,
+                                   ``_std`` (n_sessions, v), row ``k`` for session ``k + 1``;
+                                   the attribute ``method`` says which
 =================================  ==========================================================
 
 plus ``OUT/subjXX.json`` recording the protocol (sessions, counts, mask definition and hash,
@@ -62,6 +67,14 @@ FORMAT_VERSION = 2
 _SETS = ("structural", "semantic", "other")
 _ROWS_PER_BLOCK = 512  # rows z-scored per block in the second pass
 
+#: What each ``normalisation`` does, as recorded in ``subjXX.json``'s ``protocol.normalisation``.
+NORMALISATIONS = {
+    "training": "per-voxel z-score with mean and std (ddof=0) of the training trials only, all sessions pooled",
+    "session": "per-voxel z-score of each session's trials with the mean and std (ddof=0) of that session's "
+    "training trials only (test trials never enter the statistics)",
+}
+_CONSTANT_RULE = "a voxel with std 0 over those trials gets std 1: its training values become 0"
+
 
 @dataclass(frozen=True)
 class PreparedSubject:
@@ -89,6 +102,14 @@ class PreparedSubject:
 def reading_prepared(path: Path):
     """Open a prepared file for reading: damage or a missing dataset is one line naming it."""
     return reading_hdf5(path, what="prepared file", fix="delete it and run `havir prepare` again")
+
+
+def prepared_normalisation(path: Path) -> str:
+    """Which normalisation (a key of :data:`NORMALISATIONS`) a prepared file's betas went
+    through, for the records of the results made from it. Files written before the choice
+    existed hold no ``method`` attribute and were all z-scored with ``"training"``."""
+    with reading_prepared(path) as h5:
+        return str(h5["normalisation"].attrs.get("method", "training"))
 
 
 def load_split(path: Path, split: str) -> PreparedSubject:
@@ -165,7 +186,11 @@ def _merge_moments(a, b):
 
 
 def _fingerprint(subject: int, files: list[BetasFile], definition_sha256: str, captions_dir: Path) -> str:
-    """What a partial output was computed from; a run resumes only when it is unchanged."""
+    """What a partial output was computed from; a run resumes only when it is unchanged.
+
+    The normalisation is not part of it: the raw file holds unnormalised betas and every
+    session's moments, so a run resumed with the other normalisation reuses it unchanged.
+    """
     sources = [[str(b.path.resolve()), b.fmt, b.path.stat().st_size, b.path.stat().st_mtime_ns] for b in files]
     return json.dumps({"subject": subject, "format": FORMAT_VERSION, "betas": sources,
                        "definition": definition_sha256, "captions": str(Path(captions_dir).resolve())})
@@ -238,34 +263,69 @@ def _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, prog
         flush_h5(h5)
 
 
-def _write_normalised(raw, h5, subject: int, voxels, trials, split_of) -> None:
-    """Pass 2: the output file, every voxel z-scored with the training moments (test trials
-    never enter them), read in blocks from the raw file ``raw``, which is left untouched."""
+def _z_statistics(count: int, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, std with ddof=0, which voxels are constant) of one set of moments; a voxel with no
+    variance carries no signal, so its std is 1 and it stays at 0 (its training values)."""
+    std = np.sqrt(m2 / max(count, 1))
+    constant = std == 0
+    std[constant] = 1.0
+    return mean, std, constant
+
+
+def _write_normalised(raw, h5, subject: int, voxels, trials, split_of, normalisation: str) -> None:
+    """Pass 2: the output file, every voxel z-scored with training moments (test trials never
+    enter them), read in blocks from the raw file ``raw``, which is left untouched.
+
+    ``normalisation="training"`` merges every session's moments into one mean and std per voxel;
+    ``"session"`` z-scores each row with its own session's (``trials.session`` picks the row
+    of the (n_sessions, v) statistics).
+    """
     h5.attrs.update(format_version=FORMAT_VERSION, subject=subject, havir_version=havir.__version__)
     for name in _SETS:
         h5[f"voxels/{name}"] = voxels[name].astype(np.int16)
     for split, rows in split_of.items():
         for key in ("nsd_id", "repetition", "session"):
             h5[f"{split}/{key}"] = getattr(trials, key)[rows]
+    sessions = [raw[f"session_moments/{index:02d}"] for index in range(int(raw.attrs["sessions_done"]))]
+    group = h5.require_group("normalisation")
+    group.attrs["method"] = normalisation
     for name in _SETS:
-        moments = (0, 0.0, 0.0)
-        for index in range(int(raw.attrs["sessions_done"])):
-            session = raw[f"session_moments/{index:02d}"]
-            mean, m2 = session[name][()]
-            moments = _merge_moments(moments, (int(session.attrs["count"]), mean, m2))
-        count, mean, m2 = moments
-        std = np.sqrt(m2 / max(count, 1))
-        constant = std == 0
-        std[constant] = 1.0  # a voxel with no variance carries no signal; keep it at 0
-        h5[f"normalisation/{name}_mean"] = mean.astype(np.float32)
-        h5[f"normalisation/{name}_std"] = std.astype(np.float32)
-        h5["normalisation"].attrs[f"{name}_constant_voxels"] = int(constant.sum())
-        for split in ("train", "test"):
+        per_session = [(int(session.attrs["count"]), *session[name][()]) for session in sessions]
+        if normalisation == "training":
+            moments = (0, 0.0, 0.0)
+            for session_moments in per_session:
+                moments = _merge_moments(moments, session_moments)
+            mean, std, constant = _z_statistics(*moments)
+            prefix = ""
+        else:
+            mean, std, constant = (np.stack(column) for column in zip(*(_z_statistics(*m) for m in per_session)))
+            prefix = "session_"
+        group[f"{prefix}{name}_mean"] = mean.astype(np.float32)
+        group[f"{prefix}{name}_std"] = std.astype(np.float32)
+        group.attrs[f"{prefix}{name}_constant_voxels"] = int(constant.sum())  # (session, voxel) pairs with "session"
+        for split, rows in split_of.items():
             source = raw[split][name]
+            session_index = trials.session[rows].astype(np.int64) - 1
             dataset = h5[split].create_dataset(name, source.shape, np.float32, chunks=source.chunks)
             for start in range(0, dataset.shape[0], _ROWS_PER_BLOCK):
                 block = source[start : start + _ROWS_PER_BLOCK].astype(np.float64)
-                dataset[start : start + _ROWS_PER_BLOCK] = ((block - mean) / std).astype(np.float32)
+                if normalisation == "training":
+                    dataset[start : start + _ROWS_PER_BLOCK] = ((block - mean) / std).astype(np.float32)
+                else:
+                    index = session_index[start : start + _ROWS_PER_BLOCK]
+                    dataset[start : start + _ROWS_PER_BLOCK] = ((block - mean[index]) / std[index]).astype(np.float32)
+
+
+def _check_sessions_have_training_trials(trials, n_sessions: int, subject: int) -> None:
+    """Per-session z-scoring needs training trials in every session (real NSD sessions hold
+    about 680 of their 750); a session of test trials only has no statistics of its own."""
+    counts = np.bincount(trials.session[~trials.is_test], minlength=n_sessions + 1)[1:]
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise InvalidInputError(
+            f"--normalisation session z-scores each session with its training trials, but session {empty[0] + 1:02d} "
+            f"of subj{subject:02d} has none (only test trials): use --normalisation training, or --sessions to leave it out"
+        )
 
 
 def _write_stimuli_and_captions(h5, layout, test_ids, side, captions) -> None:
@@ -283,6 +343,7 @@ def _write_stimuli_and_captions(h5, layout, test_ids, side, captions) -> None:
 PREPARE_OPTIONS: dict[str, Rule] = {
     "sessions": Interval(int, 1, optional=True),
     "betas_format": OneOf("auto", "hdf5", "nifti"),
+    "normalisation": OneOf(*NORMALISATIONS),
 }
 
 
@@ -295,6 +356,7 @@ def prepare_subject(
     definition: Path | None = None,
     betas_format: str = "auto",
     captions_dir: Path | None = None,
+    normalisation: str = "training",
     progress: bool = True,
 ) -> dict:
     """Prepare one subject; returns the summary that ``havir prepare --json`` prints.
@@ -309,11 +371,14 @@ def prepare_subject(
     definition : mask definition TOML (default: ``masks/subjXX.toml``).
     betas_format : ``"auto"`` (HDF5 where present, else NIfTI), ``"hdf5"`` or ``"nifti"``.
     captions_dir : folder with COCO's ``captions_*2017.json`` (default: where NSD's code looks).
+    normalisation : ``"training"`` (z-score with the training trials of all sessions pooled) or
+        ``"session"`` (with each session's own training trials: removes session-to-session drift;
+        every session read must hold training trials). See :data:`NORMALISATIONS`.
     progress : show a progress bar on stderr.
     """
     started = time.perf_counter()
     check_subject(subject)
-    check_options(PREPARE_OPTIONS, sessions=sessions, betas_format=betas_format)
+    check_options(PREPARE_OPTIONS, sessions=sessions, betas_format=betas_format, normalisation=normalisation)
     layout = NSDLayout(nsd_root)
     layout.check_root()
     files = _choose_files(layout, subject, sessions, betas_format)
@@ -327,6 +392,8 @@ def prepare_subject(
             )
     design = load_design(layout.expdesign)
     trials = subject_trials(design, subject, [b.n_trials for b in files])
+    if normalisation == "session":
+        _check_sessions_have_training_trials(trials, len(files), subject)
     stim_info = read_stim_info(layout.stim_info)
     captions = read_captions(stim_info, trials.nsd_id, captions_dir or layout.annotations_dir)
     side = stimulus_side(layout.stimuli)
@@ -372,7 +439,7 @@ def prepare_subject(
                 "sessions_read": list(range(1, len(files) + 1)),
                 "trials_per_session": [b.n_trials for b in files],
                 "test_rule": f"image is one of the {design.n_shared} shared images (sharedix), k <= {design.n_shared}",
-                "normalisation": "per-voxel z-score with mean and std (ddof=0) of the training trials only",
+                "normalisation": {"method": normalisation, "rule": NORMALISATIONS[normalisation], "constant_voxels": _CONSTANT_RULE},
                 "betas_unit": "percent signal change (stored int16 / 300)",
                 "betas": "betas_fithrf_GLMdenoise_RR, func1pt8mm",
                 "note": "results from different session counts (37 vs 40) are not comparable",
@@ -393,7 +460,7 @@ def prepare_subject(
             # until the end, makes the rerun redo only the second pass.
             with atomic_path(record_path) as record_temporary, atomic_path(h5_path) as h5_temporary:
                 with h5py.File(partial, "r") as raw, open_h5(h5_temporary, "w", needed=needed) as h5:
-                    _write_normalised(raw, h5, subject, voxels, trials, split_of)
+                    _write_normalised(raw, h5, subject, voxels, trials, split_of, normalisation)
                     _write_stimuli_and_captions(h5, layout, test_ids, side, captions)
                 summary["seconds"] = round(time.perf_counter() - started, 3)
                 record_temporary.write_text(json.dumps(record | {"seconds": summary["seconds"]}, indent=2) + "\n")

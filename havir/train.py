@@ -51,7 +51,7 @@ from havir.metrics.scores import row_correlations, two_way_identification
 from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator
 from havir.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
 from havir.nsd.layout import check_subject
-from havir.prepare import load_split
+from havir.prepare import load_split, prepared_normalisation
 from havir.progress import track
 from havir.validation import AnyOf, Interval, ListOf, OneOf, Rule, check_options, check_values, read_json, reading_hdf5
 
@@ -481,6 +481,7 @@ def train_subject(
     resuming = _check_run_folder(Path(run), subject, model, config)
     dataset = load_training_data(data, subject, config)
     features_vd = _features_model(features_path(data, subject))
+    normalisation = prepared_normalisation(Path(data) / f"subj{subject:02d}.h5")  # recorded with the results
     if vd is not None and vd != features_vd:
         raise ValueError(f"the features in {data} were computed with --vd {features_vd}, not {vd}: run `havir features --vd {vd}` first")
     # 2. Only now create the run folder and write into it.
@@ -499,7 +500,8 @@ def train_subject(
         else:
             summary = fit_decoders(dataset, config, run, torch_device, progress=progress)
         if launch.is_main_process:
-            summary = {"subject": subject, "model": model, "vd": features_vd, "train_seconds": round(time.perf_counter() - started, 3)} | summary
+            summary = {"subject": subject, "model": model, "vd": features_vd, "normalisation": normalisation,
+                       "train_seconds": round(time.perf_counter() - started, 3)} | summary
             write_json(run / "summary.json", summary)
         return broadcast_object_list([summary])[0]  # every process returns it, once it is written
 

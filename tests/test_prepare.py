@@ -135,7 +135,8 @@ def test_metadata_records_the_protocol(prepared):
     _, _, out, _ = prepared
     meta = json.loads((out / "auto/subj04.json").read_text())
     assert meta["protocol"]["sessions_read"] == [1, 2, 3]
-    assert "training trials only" in meta["protocol"]["normalisation"]
+    assert meta["protocol"]["normalisation"]["method"] == "training"  # the default
+    assert "training trials only" in meta["protocol"]["normalisation"]["rule"]
     assert meta["masks"]["definition"] == "subj04" and len(meta["masks"]["definition_sha256"]) == 64
     assert {"havir", "numpy", "h5py", "nibabel"} <= set(meta["versions"])
     assert not [p for p in (out / "auto").iterdir() if p.name.startswith(".")], "temporary files left behind"

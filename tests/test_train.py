@@ -96,6 +96,7 @@ def test_havir_and_ridge_from_the_command_line(trainable, tmp_path, run_cli):
         assert status == 0
         summary = json.loads(stdout)
         assert {"subject", "model", "epochs", "train_seconds", "test_scores"} <= set(summary)
+        assert summary["normalisation"] == "training"  # the prepared data's, recorded with the results
         assert summary["test_scores"]["vae_latents_identification"] > 0.5
     assert (tmp_path / "havir/structural/diffusion_pytorch_model.safetensors").is_file()
     assert (tmp_path / "havir/config.toml").read_text().startswith('preset = "tiny"')

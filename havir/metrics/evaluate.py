@@ -48,6 +48,7 @@ from havir.metrics.scores import (
     ssim,
 )
 from havir.nsd.layout import check_subject
+from havir.prepare import prepared_normalisation
 from havir.progress import track
 
 #: Metric names in the order of the published tables (``cli.md``'s ``--json`` keys).
@@ -220,7 +221,7 @@ def score_images(
 
 def load_ground_truth(data: Path, subject: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """A subject's test stimuli from the prepared data: (nsd_ids (n,), uint8 images (n, s, s, 3),
-    the data protocol: subject, sessions read, number of test images)."""
+    the data protocol: subject, sessions read, number of test images, normalisation)."""
     check_subject(subject)
     prepared = Path(data) / f"subj{subject:02d}.h5"
     if not prepared.is_file():
@@ -232,7 +233,8 @@ def load_ground_truth(data: Path, subject: int) -> tuple[np.ndarray, np.ndarray,
         images = h5["test/stimuli"][()]
     record_path = prepared.with_suffix(".json")
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-    protocol = {"subject": subject, "sessions": record.get("sessions"), "test_images": int(len(nsd_ids))}
+    protocol = {"subject": subject, "sessions": record.get("sessions"), "test_images": int(len(nsd_ids)),
+                "normalisation": prepared_normalisation(prepared)}
     return nsd_ids, images, protocol
 
 

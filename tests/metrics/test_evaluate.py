@@ -54,7 +54,7 @@ def test_perfect_reconstructions_score_perfectly(truth, random_networks, tmp_pat
     # Random-weight networks are never reported as protocol numbers.
     assert set(summary["metrics"]) == {"pixcorr", "ssim"}
     assert "RANDOM" in summary["non_protocol_metrics"]["alexnet2"]["network"]
-    assert summary["protocol"]["data"] == {"subject": 1, "sessions": 4, "test_images": 20}
+    assert summary["protocol"]["data"] == {"subject": 1, "sessions": 4, "test_images": 20, "normalisation": "training"}
 
 
 def test_shuffled_reconstructions_score_at_chance(truth, random_networks, tmp_path):
