@@ -3,7 +3,8 @@ row, printed beside the published rows of the same protocol preset.
 
 Published tables report the mean over subjects (NSD subjects 1, 2, 5 and 7) of each metric. A
 mean is only meaningful over runs scored the same way, so :func:`subject_table` refuses to
-average runs of different presets, image counts, session counts or methods, or one subject twice.
+average runs of different presets, image counts, session counts, methods or voxel normalisations,
+or one subject twice.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def _read(path: Path) -> dict:
         protocol = record["protocol"]
         return {"path": str(path), "preset": protocol["preset"], "subject": protocol["data"]["subject"],
                 "sessions": protocol["data"]["sessions"], "images": record["n"], "method": protocol.get("method", "unknown"),
-                "metrics": record["metrics"]}
+                # eval.json files written before --normalisation existed were all z-scored with training statistics
+                "normalisation": protocol["data"].get("normalisation", "training"), "metrics": record["metrics"]}
     except (ValueError, KeyError, TypeError) as err:
         raise InvalidInputError(
             f"{path} is not an eval.json of this havir ({type(err).__name__}: {err}): score the folder again with `havir eval`"
@@ -84,7 +86,7 @@ def subject_table(paths: Sequence[Path], *, method: str | None = None) -> Subjec
         raise InvalidInputError("no eval.json given: pass one per subject, e.g. subj01/eval/eval.json subj02/eval/eval.json")
     runs = [_read(path) for path in paths]
     for key, what in (("preset", "protocol presets"), ("images", "image counts"), ("sessions", "session counts"),
-                      ("method", "methods")):
+                      ("method", "methods"), ("normalisation", "voxel normalisations")):
         values = {str(run[key]) for run in runs}
         if len(values) > 1:
             found = ", ".join(f"{Path(run['path']).parent}: {run[key]}" for run in runs)

@@ -124,7 +124,8 @@ def write_weights(networks: dict[str, nn.Module], folder) -> None:
 
 
 def write_prepared(folder, nsd_ids: np.ndarray, truth: np.ndarray, sessions: int) -> None:
-    """A minimal ``havir prepare`` output for subject 1: the test stimuli and the record."""
+    """A minimal ``havir prepare`` output for subject 1: the test stimuli, the normalisation's
+    record and the subject's record."""
     import json
 
     import h5py
@@ -133,6 +134,7 @@ def write_prepared(folder, nsd_ids: np.ndarray, truth: np.ndarray, sessions: int
     with h5py.File(folder / "subj01.h5", "w") as h5:
         h5["test/stimuli"] = truth
         h5["test/stimulus_nsd_id"] = nsd_ids
+        h5.create_group("normalisation").attrs["method"] = "training"
     (folder / "subj01.json").write_text(json.dumps({"sessions": sessions}))
 
 

@@ -82,6 +82,7 @@ def test_brain_diffuser_runs_are_not_put_beside_mindeye2_rows(one_eval, tmp_path
         ({"n": 982}, "different image counts"),
         ({"protocol.data.sessions": 37}, "different session counts"),
         ({"protocol.method": "ridge (fused)"}, "different methods"),
+        ({"protocol.data.normalisation": "session"}, "different voxel normalisations"),
     ],
 )
 def test_refuses_to_average_unlike_runs(one_eval, tmp_path, run_cli, change, message):
