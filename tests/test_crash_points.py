@@ -119,6 +119,7 @@ class _StopAtCommit:
         if str(Path(destination).resolve()).startswith(self.folder):
             self.calls += 1
             if self.calls == self.stop_at:
+                self.stopped_at = Path(destination)
                 raise KeyboardInterrupt(f"stopped at commit {self.calls}: {destination}")
         return self.original(source, destination, *args, **kwargs)
 
@@ -386,10 +387,12 @@ def test_demo_stopped_at_commits_of_each_stage_resumes_to_the_same_outputs(unint
     assert n_commits > 60  # the release, masks, data, run, three reconstructions and evaluations
     for stop_at in (n_commits // 3, 2 * n_commits // 3, n_commits):
         out = tmp_path / f"stopped-{stop_at}"
-        _StopAtCommit(monkeypatch, out, stop_at)
+        stopper = _StopAtCommit(monkeypatch, out, stop_at)
         with pytest.raises(KeyboardInterrupt):
             run_demo(out, **DEMO_SETTINGS)
         monkeypatch.undo()
+        # What a killed demo (another process) leaves where it stopped: its output half written.
+        stopper.stopped_at.with_name(f".partial-{2**22 + 1}-{stopper.stopped_at.name}").write_bytes(b"half written")
         run_demo(out, **DEMO_SETTINGS)
         _same_tree(whole, out)
         assert_no_temporaries(out)
