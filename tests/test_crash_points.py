@@ -380,13 +380,13 @@ def uninterrupted_demo(tmp_path_factory):
 @pytest.mark.slow
 def test_demo_stopped_at_commits_of_each_stage_resumes_to_the_same_outputs(uninterrupted_demo, tmp_path, monkeypatch):
     """``demo`` stopped at three commits spread over its run (today: amid the synthetic release, at
-    the training's summary, amid the fused reconstructions), then run again, ends with an
+    the training's summary, early in the fused reconstructions), then run again, ends with an
     uninterrupted demo's files and no temporary. (Three points keep it near a minute.)"""
     from havir.demo import run_demo
 
     whole, n_commits = uninterrupted_demo
     assert n_commits > 60  # the release, masks, data, run, three reconstructions and evaluations
-    for stop_at in (n_commits // 4, n_commits // 2, 3 * n_commits // 4):
+    for stop_at in (n_commits // 4, n_commits // 2, 2 * n_commits // 3):
         out = tmp_path / f"stopped-{stop_at}"
         stopper = _StopAtCommit(monkeypatch, out, stop_at)
         with pytest.raises(KeyboardInterrupt):
