@@ -115,12 +115,13 @@ def masks_build(
     as_json: JsonOpt = False,
 ) -> None:
     """Build a subject's structural and semantic masks (NIfTI) and count voxels per ROI."""
-    from havir.io import ensure_output_dir
+    from havir.io import output_folder
     from havir.masks import build_masks, definition_for, save_masks
     from havir.nsd.layout import NSDLayout
 
     masks = build_masks(NSDLayout(nsd_root), subject, definition_for(subject, definition))
-    paths = save_masks(masks, ensure_output_dir(out))
+    with output_folder(out) as folder:  # locked; a failed write (a full disk) leaves no folder it created
+        paths = save_masks(masks, folder)
     summary = masks.summary() | {"files": {k: str(v) for k, v in paths.items()}}
     if as_json:
         _emit(summary, as_json, "")

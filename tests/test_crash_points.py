@@ -119,6 +119,7 @@ class _StopAtCommit:
         if str(Path(destination).resolve()).startswith(self.folder):
             self.calls += 1
             if self.calls == self.stop_at:
+                self.stopped_at = Path(destination)
                 raise KeyboardInterrupt(f"stopped at commit {self.calls}: {destination}")
         return self.original(source, destination, *args, **kwargs)
 
@@ -312,4 +313,87 @@ def test_eval_stopped_at_any_commit_ends_with_the_same_outputs(trainable, tmp_pa
         monkeypatch.undo()
         evaluate(out)
         _same_files(tmp_path / "whole", out)
+        assert_no_temporaries(out)
+
+
+
+
+def _without_timings(value):
+    """``value`` without the fields that time a run ("seconds", "train_seconds", ...): the only
+    ones a rerun may change."""
+    if isinstance(value, dict):
+        return {key: _without_timings(item) for key, item in value.items() if not key.endswith("seconds")}
+    if isinstance(value, list):
+        return [_without_timings(item) for item in value]
+    return value
+
+
+def _same_tree(expected: Path, actual: Path) -> None:
+    """The same files under two folders: HDF5 arrays, safetensors and PNGs bit for bit, JSON equal
+    but for timing fields (``*seconds``), MATLAB files but for their header, every other file byte for byte (where a file names its own folder,
+    that name aside)."""
+    names = sorted(str(p.relative_to(expected)) for p in expected.rglob("*") if p.is_file())
+    assert sorted(str(p.relative_to(actual)) for p in actual.rglob("*") if p.is_file()) == names
+    for name in names:
+        a, b = expected / name, actual / name
+        if name.endswith((".h5", ".hdf5")):
+            assert_same_hdf5(a, b)
+        elif name.endswith(".safetensors"):
+            _same_safetensors(a, b)
+        elif name.endswith(".mat"):  # its header holds the time it was written
+            _same_mat(a, b)
+        else:
+            wanted = a.read_bytes().replace(str(expected).encode(), str(actual).encode())
+            if name.endswith((".json", ".jsonl")):
+                lines = wanted.decode().splitlines() if name.endswith(".jsonl") else [wanted.decode()]
+                got = b.read_text().splitlines() if name.endswith(".jsonl") else [b.read_text()]
+                assert [_without_timings(json.loads(line)) for line in got] == \
+                    [_without_timings(json.loads(line)) for line in lines], f"{b} differs"
+            else:
+                assert wanted == b.read_bytes(), f"{b} differs"
+
+
+def _same_mat(expected: Path, actual: Path) -> None:
+    from scipy.io import loadmat
+
+    a, b = loadmat(expected), loadmat(actual)
+    assert a.keys() == b.keys()
+    for key in a.keys() - {"__header__"}:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=f"{actual}: {key}")
+
+
+DEMO_SETTINGS = {"images": 50, "epochs": 2, "fused_steps": 2, "progress": False}  # DEMO_OPTIONS' minimum images
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_demo(tmp_path_factory):
+    """One demo run, uninterrupted: its folder and the number of commits it made."""
+    from havir.demo import run_demo
+
+    out = tmp_path_factory.mktemp("demo") / "whole"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        counter = _StopAtCommit(monkeypatch, out)
+        run_demo(out, **DEMO_SETTINGS)
+    return out, counter.calls
+
+
+@pytest.mark.slow
+def test_demo_stopped_at_commits_of_each_stage_resumes_to_the_same_outputs(uninterrupted_demo, tmp_path, monkeypatch):
+    """``demo`` stopped at three commits spread over its run (today: amid the synthetic release, at
+    the training's summary, early in the fused reconstructions), then run again, ends with an
+    uninterrupted demo's files and no temporary. (Three points keep it near a minute.)"""
+    from havir.demo import run_demo
+
+    whole, n_commits = uninterrupted_demo
+    assert n_commits > 60  # the release, masks, data, run, three reconstructions and evaluations
+    for stop_at in (n_commits // 4, n_commits // 2, 2 * n_commits // 3):
+        out = tmp_path / f"stopped-{stop_at}"
+        stopper = _StopAtCommit(monkeypatch, out, stop_at)
+        with pytest.raises(KeyboardInterrupt):
+            run_demo(out, **DEMO_SETTINGS)
+        monkeypatch.undo()
+        # What a killed demo (another process) leaves where it stopped: its output half written.
+        stopper.stopped_at.with_name(f".partial-{2**22 + 1}-{stopper.stopped_at.name}").write_bytes(b"half written")
+        run_demo(out, **DEMO_SETTINGS)
+        _same_tree(whole, out)
         assert_no_temporaries(out)

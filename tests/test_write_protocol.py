@@ -329,3 +329,44 @@ def test_a_reconstruction_that_fails_before_its_first_image_leaves_no_folder(tmp
     with pytest.raises(MemoryError):
         havir.reconstruct.reconstruct(tiny, predicted, np.array([3]), tmp_path / "recon", mode="structural")
     assert not (tmp_path / "recon").exists()
+
+
+def _temporaries(folder) -> list[str]:
+    return [name for name in _files(folder) if any(part.startswith(".") for part in name.split("/"))]
+
+
+def test_full_disk_in_eval(trainable, tmp_path, run_cli, monkeypatch):
+    import PIL.Image
+
+    from havir.metrics.evaluate import load_ground_truth
+
+    data, _ = trainable
+    nsd_ids, images, _ = load_ground_truth(data, 1)
+    recon = tmp_path / "recon"
+    recon.mkdir()
+    for nsd_id, image in zip(nsd_ids, images):
+        PIL.Image.fromarray(image).save(recon / f"{int(nsd_id)}.png")
+    monkeypatch.setattr("os.fsync", _no_space)
+    status, _, stderr = run_cli("eval", "--recon", recon, "--data", data, "--subject", 1, "--skip-missing", "--json")
+    _one_line_disk_full(status, stderr, recon / "eval")
+    assert not (recon / "eval").exists(), "partial files left behind"
+
+
+def test_full_disk_in_masks_build(small_nsd, tmp_path, run_cli, monkeypatch):
+    monkeypatch.setattr("os.fsync", _no_space)
+    status, _, stderr = run_cli("masks", "build", "--nsd-root", small_nsd[0], "--subject", 1, "--out", tmp_path / "masks", "--json")
+    _one_line_disk_full(status, stderr, tmp_path / "masks")
+    assert not (tmp_path / "masks").exists(), "partial files left behind"
+
+
+@pytest.mark.parametrize("full_from", ["nsd", "recon"])
+def test_full_disk_in_demo(tmp_path, run_cli, monkeypatch, full_from):
+    """The disk fills while the demo writes its synthetic release (its first stage), or when it
+    reaches the reconstructions (after prepare, features and train wrote theirs)."""
+    out = tmp_path / "demo"
+    sync = havir.io._fsync
+    monkeypatch.setattr(havir.io, "_fsync", lambda path: _no_space() if f"/{full_from}/" in str(path) else sync(path))
+    status, _, stderr = run_cli("demo", "--out", out, "--images", 50, "--epochs", 1, "--steps", 1, "--json")
+    _one_line_disk_full(status, stderr, out / full_from)
+    assert _temporaries(out) == [], "partial files left behind"
+    assert not (out / full_from).exists() or not any(p.is_file() for p in (out / full_from).rglob("*")), "partial files left behind"
