@@ -567,7 +567,8 @@ def test_every_numeric_option_is_checked_before_any_work(command, flag, value, r
 
 
 #: Options that take one of a few words; "bogus" is none of them.
-CHOICE_OPTIONS = ("--device", "--dtype", "--mode", "--scheduler", "--model", "--betas-format", "--normalisation")
+CHOICE_OPTIONS = ("--device", "--dtype", "--mode", "--scheduler", "--model", "--betas-format", "--normalisation",
+                  "--img2img-start", "--protocol")
 
 
 def _choice_option_cases():
