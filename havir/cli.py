@@ -359,10 +359,14 @@ def demo(
     if as_json:
         _emit(summary, as_json, "")
         return
-    table = Table("mode", *next(iter(summary["modes"].values())), title=f"demo: {summary['test_images']} held-out synthetic images", title_justify="left")
-    for mode, metrics in summary["modes"].items():
-        table.add_row(mode, *(f"{value:.3f}" for value in metrics.values()))
-    stdout_console.print(table)
+    measures = next(iter(summary["demo_measures"]["method"].values()))
+    table = Table("run", "mode", *next(iter(summary["modes"].values())), *measures,
+                  title=f"demo: {summary['test_images']} held-out synthetic images (last three columns: demo measures)", title_justify="left")
+    for run, modes in (("method", summary["modes"]), ("null brain", summary["null_modes"])):
+        for mode, metrics in modes.items():
+            demo_values = summary["demo_measures"]["method" if run == "method" else "null"][mode]
+            table.add_row(run, mode, *(f"{value:.3f}" for value in metrics.values()), *(f"{demo_values[m]['mean']:.3f}" for m in measures))
+    Console(width=max(stdout_console.width, 150)).print(table)  # numbers are never cut to fit a terminal
     stdout_console.print(f"finished in {summary['seconds']:.0f} s; open the report: {summary['report']}", markup=False, highlight=False)
 
 

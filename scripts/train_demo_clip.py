@@ -18,16 +18,16 @@ Recipe (seeded; CPU-feasible on one thread; resumable):
   go to ``--checkpoint`` (safetensors + JSON), and a run started again with the same settings
   continues from there, so the run may be cut into pieces (``--max-minutes``);
 * ``--init FOLDER`` starts a further stage from towers saved before (new seed, schedule and
-  optimiser state); the shipped towers' ``training.json`` nests each earlier stage's record;
+  optimiser state); the shipped towers' ``training-clip.json`` nests each earlier stage's record;
 * at the end the towers are saved in fp16 in the ``demo`` Versatile Diffusion layout
   (``tokenizer/``, ``image_feature_extractor/``, ``text_encoder/``, ``image_encoder/``) with
-  ``training.json``: the recipe, wall time, versions and the held-out image-to-caption retrieval
+  ``training-clip.json``: the recipe, wall time, versions and the held-out image-to-caption retrieval
   top-1 among 100 candidates (scenes from another seed), measured on the fp16 weights as shipped.
 
     OMP_NUM_THREADS=1 python scripts/train_demo_clip.py [--steps 1500] [--batch-size 64] [--seed 0]
 
 The shipped towers are three stages (one CPU thread shared with other work, load average 3-5;
-46 minutes in all; held-out top-1 of each stage in its training.json):
+46 minutes in all; held-out top-1 of each stage in its training-clip.json):
 
     python scripts/train_demo_clip.py --out stage1                                  # 1427 s, 0.732
     python scripts/train_demo_clip.py --init stage1 --seed 1 --steps 1200 --lr 1e-3 \
@@ -47,12 +47,12 @@ from pathlib import Path
 import havir  # noqa: F401  first: lets transformers import torchvision beside CPU torch (havir/_torchvision.py)
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 from transformers import CLIPImageProcessorPil, CLIPTextConfig, CLIPTextModelWithProjection, CLIPVisionConfig, CLIPVisionModelWithProjection
 from transformers.utils import logging as transformers_logging
 
 from havir.demo_world.clip import DEMO_CLIP, DemoClip, embed_images, embed_texts, image_pixels, load_demo_clip, retrieval_top1, scene_tokenizer, text_ids
-from havir.io import atomic_path, package_versions, write_json
+from havir.demo_world.training import load_checkpoint, prefixed, save_checkpoint, unprefixed
+from havir.io import package_versions, write_json
 from havir.models.versatile import CONFIGS
 from havir.nsd.scenes import describe_scene, render_scene, sample_scene
 
@@ -111,42 +111,20 @@ def learning_rate(step: int, args) -> float:
     return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, args.steps - warmup)))
 
 
-def save_checkpoint(folder: Path, step: int, clip: DemoClip, logit_scale, optimizer, rng, settings: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {f"text.{k}": v for k, v in clip.text_encoder.state_dict().items()}
-    tensors |= {f"image.{k}": v for k, v in clip.image_encoder.state_dict().items()}
-    tensors["logit_scale"] = logit_scale.detach()
-    state = optimizer.state_dict()
-    for index, moments in state["state"].items():
-        for name, value in moments.items():
-            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value)
-    tensors["torch_rng"] = torch.get_rng_state()
-    with atomic_path(folder / "checkpoint.safetensors") as temporary:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary))
-    write_json(folder / "checkpoint.json", {"step": step, "settings": settings, "numpy_rng": rng.bit_generator.state})
+def save_state(folder: Path, step: int, clip: DemoClip, logit_scale, optimizer, rng, settings: dict) -> None:
+    tensors = prefixed("text", clip.text_encoder) | prefixed("image", clip.image_encoder) | {"logit_scale": logit_scale.detach()}
+    save_checkpoint(folder, step, tensors, optimizer, rng, settings)
 
 
-def load_checkpoint(folder: Path, clip: DemoClip, logit_scale, optimizer, rng, settings: dict) -> int:
+def load_state(folder: Path, clip: DemoClip, logit_scale, optimizer, rng, settings: dict) -> int:
     """Restore a checkpoint written with the same ``settings``; returns its step (0: none)."""
-    if not (folder / "checkpoint.json").is_file():
-        return 0
-    record = json.loads((folder / "checkpoint.json").read_text())
-    if record["settings"] != settings:
-        raise SystemExit(f"{folder} holds a checkpoint of other settings ({record['settings']}): remove it or pass another --checkpoint")
-    tensors = load_file(folder / "checkpoint.safetensors")
-    clip.text_encoder.load_state_dict({k.removeprefix("text."): v for k, v in tensors.items() if k.startswith("text.")})
-    clip.image_encoder.load_state_dict({k.removeprefix("image."): v for k, v in tensors.items() if k.startswith("image.")})
-    with torch.no_grad():
-        logit_scale.copy_(tensors["logit_scale"])
-    state = optimizer.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".")
-            state["state"].setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict(state)
-    torch.set_rng_state(tensors["torch_rng"])
-    rng.bit_generator.state = record["numpy_rng"]
-    return int(record["step"])
+    step, tensors = load_checkpoint(folder, optimizer, rng, settings)
+    if step:
+        clip.text_encoder.load_state_dict(unprefixed("text", tensors))
+        clip.image_encoder.load_state_dict(unprefixed("image", tensors))
+        with torch.no_grad():
+            logit_scale.copy_(tensors["logit_scale"])
+    return step
 
 
 def main() -> None:
@@ -173,7 +151,7 @@ def main() -> None:
     others = [p for m in (clip.text_encoder, clip.image_encoder) for p in m.parameters() if p.ndim < 2] + [logit_scale]
     optimizer = torch.optim.AdamW([{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
     rng = np.random.default_rng(args.seed)
-    step = load_checkpoint(args.checkpoint, clip, logit_scale, optimizer, rng, settings)
+    step = load_state(args.checkpoint, clip, logit_scale, optimizer, rng, settings)
     held_images, held_captions = held_out_set(args.seed, args.held_out_groups)
     started = time.perf_counter()
     if step:
@@ -193,7 +171,7 @@ def main() -> None:
         optimizer.step()
         out_of_time = time.perf_counter() - started > 60 * args.max_minutes
         if step % args.checkpoint_every == 0 or step == args.steps or out_of_time:
-            save_checkpoint(args.checkpoint, step, clip, logit_scale, optimizer, rng, settings)
+            save_state(args.checkpoint, step, clip, logit_scale, optimizer, rng, settings)
             clip.text_encoder.eval(), clip.image_encoder.eval()
             top1 = held_out_retrieval(clip, held_images[:CANDIDATES], held_captions[:CANDIDATES])
             clip.text_encoder.train(), clip.image_encoder.train()
@@ -211,9 +189,9 @@ def main() -> None:
         "held_out": {"seed": HELD_OUT_SEED + args.seed, "scenes": len(held_captions), "candidates": CANDIDATES, "side": 64,
                      "image_to_caption_top1_fp16": round(held_out_retrieval(shipped, held_images, held_captions), 4)},
         "versions": package_versions("torch", "transformers", "numpy"),
-        "previous_stage": json.loads((args.init / "training.json").read_text()) if args.init else None,
+        "previous_stage": json.loads((args.init / "training-clip.json").read_text()) if args.init else None,
     }
-    write_json(args.out / "training.json", record)
+    write_json(args.out / "training-clip.json", record)
     print(f"saved to {args.out}: {record['held_out']}", flush=True)
 
 

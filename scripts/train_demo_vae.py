@@ -5,7 +5,7 @@ newcomer's demo pictures would mean nothing. This trains a 128x128, 8x-downsampl
 AutoencoderKL (4x16x16 latents) on freshly rendered procedural scenes (:mod:`havir.nsd.scenes`),
 with an L1 + MSE reconstruction loss and a small KL term, then sets its scaling factor to
 1 / std of its latents (as Stable Diffusion's 0.18215 was chosen) and saves it in fp16
-(diffusers layout) under ``havir/models/weights/demo-vae``.
+(diffusers layout) under ``havir/models/weights/demo-vd/vae``.
 
     python scripts/train_demo_vae.py [--steps 1500] [--batch-size 16] [--seed 0] [--max-minutes 60]
 """
@@ -24,7 +24,7 @@ from diffusers import AutoencoderKL
 from havir.nsd.scenes import render_scene, sample_scene
 
 SIDE = 128
-OUT = Path(__file__).resolve().parent.parent / "havir/models/weights/demo-vae"
+OUT = Path(__file__).resolve().parent.parent / "havir/models/weights/demo-vd/vae"
 
 
 def batch_of_scenes(rng: np.random.Generator, n: int) -> torch.Tensor:

@@ -1,16 +1,29 @@
-"""`havir demo` end to end, with quality floors on the held-out synthetic images.
+"""`havir demo` end to end: the method's ablation pattern and its null control, on held-out images.
 
-The floors are set from measured values with a margin (seed 0, 200 images, 20 epochs; measured
-in the run of 2026-11-23 recorded in the README): structural PixCorr 0.71, SSIM 0.77 and
-stand-in (EfficientNet-Lite0) identification 0.76. A floor that fails means the structural
-pathway or the demo VAE stopped decoding the simulated early visual cortex.
+One run of the demo on 600 synthetic images (60 held out; seed 0; the trained demo Versatile
+Diffusion), then issue 20's acceptance, as far as it is met today:
+
+* structural mode decodes the simulated early visual cortex (PixCorr, SSIM and stand-in
+  identification floors, set from measured values with a margin);
+* semantic mode, from noise and the decoded CLIP embeddings alone, gets the background (content
+  accuracy >= 70%, chance 25%) and beats the null brain's miniature-CLIP identification;
+* fused mode keeps the layout and the content: PixCorr at least the semantic's + 0.1, background
+  >= 90%;
+* the null brain (the same pipeline trained on shuffled voxel-image pairs) stays at chance in every
+  mode: background 25% +- 12 points, identification within 0.5 +- 0.08.
+
+Not met yet, so not asserted (docs/miniature-vd.md has the figures with their intervals): semantic
+miniature-CLIP identification >= 0.75; fused object-kind F1 and miniature-CLIP identification
+above the structural mode's; the null's identification within +- 0.06 (60 images give a standard
+error of about 0.037 for it).
 """
 
 import json
 
 import pytest
 
-FLOORS = {"pixcorr": 0.55, "ssim": 0.60, "lite0_identification": 0.65}
+STRUCTURAL_FLOORS = {"pixcorr": 0.55, "ssim": 0.60, "lite0_identification": 0.65}
+TEST_IMAGES = 60
 
 
 @pytest.fixture(scope="module")
@@ -19,29 +32,57 @@ def demo_result(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("demo")
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--out", str(out), "--steps", "4", "--json"])
+        main(["demo", "--out", str(out), "--images", str(10 * TEST_IMAGES), "--json"])
     assert exit_info.value.code == 0
     return out
 
 
-def test_demo_meets_the_quality_floors(demo_result, capsys):
-    summary = json.loads((demo_result / "demo.json").read_text())
+@pytest.fixture(scope="module")
+def summary(demo_result):
+    return json.loads((demo_result / "demo.json").read_text())
+
+
+def _measure(summary, run, mode, name):
+    return summary["demo_measures"][run][mode][name]["mean"]
+
+
+def test_structural_mode_decodes_early_visual_cortex(summary):
+    assert summary["test_images"] == TEST_IMAGES
     structural = summary["modes"]["structural"]
-    for name, floor in FLOORS.items():
+    for name, floor in STRUCTURAL_FLOORS.items():
         assert structural[name] >= floor, f"structural {name} {structural[name]:.3f} below its floor {floor}"
-    # Semantic mode starts from noise through random-weight UNets: it must not pass the floors,
-    # or the floors measure nothing.
-    assert summary["modes"]["semantic"]["pixcorr"] < FLOORS["pixcorr"] / 2
-    assert summary["test_images"] == 20
 
 
-def test_demo_report_and_outputs(demo_result):
-    report = demo_result / "recon" / "fused" / "eval" / "report.html"
-    page = report.read_text()
-    assert "RANDOM weights" in page and "STAND-IN" in page
-    assert page.count("<img") == 1 + 12 * 4  # chart; stimulus | structural | fused | semantic
-    summary = json.loads((demo_result / "demo.json").read_text())
-    assert summary["report"] == str(report)
+def test_semantic_mode_recovers_the_content(summary):
+    assert _measure(summary, "method", "semantic", "content_accuracy") >= 0.70
+    identification = _measure(summary, "method", "semantic", "mini_clip_identification")
+    assert identification >= _measure(summary, "null", "semantic", "mini_clip_identification") + 0.08
+
+
+def test_fusion_keeps_the_layout_and_the_content(summary):
+    modes = summary["modes"]
+    assert modes["fused"]["pixcorr"] >= modes["semantic"]["pixcorr"] + 0.1
+    assert _measure(summary, "method", "fused", "content_accuracy") >= 0.90
+
+
+@pytest.mark.parametrize("mode", ["structural", "fused", "semantic"])
+def test_null_brain_stays_at_chance(summary, mode):
+    identifications = {name: value for name, value in summary["null_modes"][mode].items() if name.endswith("identification")}
+    identifications["mini_clip_identification"] = _measure(summary, "null", mode, "mini_clip_identification")
+    for name, value in identifications.items():
+        assert abs(value - 0.5) <= 0.08, f"null {mode} {name} {value:.3f}"
+    assert abs(_measure(summary, "null", mode, "content_accuracy") - 0.25) <= 0.12
+
+
+def test_demo_pages_and_outputs(demo_result, summary):
+    page = (demo_result / "demo.html").read_text()
+    assert summary["report"] == str(demo_result / "demo.html")
+    assert "proves nothing unless it beats the null" in page and "DEMO MEASURES" in page
+    assert page.count('<tr class="null">') == 3 and page.count('<tr class="method">') == 3
+    assert 'href="recon/fused/eval/report.html"' in page and 'href="recon-null/fused/eval/report.html"' in page
+    report = (demo_result / "recon" / "fused" / "eval" / "report.html").read_text()
+    assert "miniature" in report and "STAND-IN" in report
     assert set(summary["skipped"]) >= {"alexnet2", "clip", "swav"} or not summary["skipped"]
-    for mode in ("structural", "fused", "semantic"):
-        assert len(list((demo_result / "recon" / mode).glob("*.png"))) == 20
+    for recon in ("recon", "recon-null"):
+        for mode in ("structural", "fused", "semantic"):
+            assert len(list((demo_result / recon / mode).glob("*.png"))) == TEST_IMAGES

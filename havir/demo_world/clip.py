@@ -35,11 +35,11 @@ from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLI
 from transformers.utils import logging as transformers_logging
 
 from havir.errors import MissingInputError
-from havir.models.versatile import TEXT_TOKENS
+from havir.models.versatile import DEMO_VD, TEXT_TOKENS
 from havir.nsd.scenes import describe_scene, sample_scene
 
 #: The miniature CLIP shipped with HAVIR (fp16 safetensors, trained by scripts/train_demo_clip.py).
-DEMO_CLIP = Path(__file__).resolve().parent.parent / "models" / "weights" / "demo-clip"
+DEMO_CLIP = DEMO_VD
 FOLDERS = ("tokenizer", "image_feature_extractor", "text_encoder", "image_encoder")
 # CLIP's pre-tokenizer splits words from punctuation runs the same way (after lower-casing).
 _WORD = re.compile(r"[a-z]+|[^\sa-z]+")

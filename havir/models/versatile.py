@@ -8,8 +8,9 @@
   with ``HF_HUB_OFFLINE=1`` nothing is downloaded;
 * ``"tiny"``: small random-weight components with the real token counts (77 text, 257 image
   tokens) and the VAE's 8x downsampling, for tests (seconds on a CPU);
-* ``"demo"``: ``tiny`` with a VAE trained on the synthetic scenes, so that latents and decoded
-  pictures mean something in the demo (everything else keeps random weights);
+* ``"demo"``: the demo world's Versatile Diffusion, every part trained on the synthetic scenes
+  (VAE, miniature CLIP, dual UNet), shipped in ``weights/demo-vd`` in the release's layout and
+  loaded exactly as a released folder is;
 * ``"full-random"``: the released architecture (configs shipped in ``configs/full-random``) with
   random weights, for benchmarks.
 
@@ -51,9 +52,13 @@ from havir.models.compat import UNetFlatConditionModel, make_dual_unet
 
 DEFAULT_MODEL = "shi-labs/versatile-diffusion"
 BUILT_IN = ("tiny", "demo", "full-random")
+RANDOM_BUILT_IN = ("tiny", "full-random")
 CONFIGS = Path(__file__).parent / "configs"
-#: The demo's VAE: trained on the synthetic scenes by scripts/train_demo_vae.py (fp16, 7.8 MB).
-DEMO_VAE = Path(__file__).parent / "weights" / "demo-vae"
+#: The demo world's Versatile Diffusion, in the release's diffusers layout (fp16): the VAE
+#: (scripts/train_demo_vae.py), the miniature CLIP (scripts/train_demo_clip.py) and the dual UNet
+#: (scripts/train_demo_unet.py), all trained on the synthetic scenes.
+DEMO_VD = Path(__file__).parent / "weights" / "demo-vd"
+DEMO_VAE = DEMO_VD / "vae"
 #: Folders of a diffusers-layout Versatile Diffusion, and which files each must hold.
 COMPONENTS = ("tokenizer", "image_feature_extractor", "text_encoder", "image_encoder", "image_unet", "text_unet", "vae", "scheduler")
 #: The components holding weights: each must hold them as safetensors.
@@ -168,10 +173,10 @@ def clip_byte_tokenizer() -> CLIPTokenizer:
 
 
 def build_random(name: str, seed: int = 0) -> VersatileDiffusion:
-    """Build a built-in model with random weights drawn from ``seed`` (``demo``: but its VAE)."""
-    if name not in BUILT_IN:
-        raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILT_IN)}")
-    configs = "tiny" if name == "demo" else name
+    """Build a random-weight built-in architecture (``tiny``, ``full-random``) from ``seed``."""
+    if name not in RANDOM_BUILT_IN:
+        raise ValueError(f"unknown random-weight model {name!r}; choose one of {', '.join(RANDOM_BUILT_IN)}")
+    configs = name
     tokenizer = clip_byte_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -186,8 +191,6 @@ def build_random(name: str, seed: int = 0) -> VersatileDiffusion:
         image_unet = UNet2DConditionModel(**_config(configs, "image_unet"))
         text_unet = UNetFlatConditionModel(**_config(configs, "text_unet"))
         vae = AutoencoderKL(**_config(configs, "vae"))
-    if name == "demo":
-        vae = AutoencoderKL.from_pretrained(DEMO_VAE, torch_dtype=torch.float32)
     return VersatileDiffusion(
         tokenizer=tokenizer,
         image_processor=CLIPImageProcessorPil(**_config(configs, "image_processor")),
@@ -231,9 +234,9 @@ def load_versatile_diffusion(
 
     Parameters
     ----------
-    model : ``"tiny"``, ``"full-random"``, a local folder in the diffusers layout, or a hub id.
+    model : ``"tiny"``, ``"demo"``, ``"full-random"``, a local folder in the diffusers layout, or a hub id.
     device, dtype : where and in what precision the modules live (bf16 or fp16 on CUDA).
-    seed : seed of the random weights of the built-in architectures.
+    seed : seed of the random weights of ``tiny`` and ``full-random``.
     """
     # The libraries' per-file progress bars and notes would drown HAVIR's own progress.
     diffusers_logging.set_verbosity_error()
@@ -241,7 +244,10 @@ def load_versatile_diffusion(
     transformers_logging.set_verbosity_error()
     transformers_logging.disable_progress_bar()
     name = str(model)
-    if name in BUILT_IN:
+    if name == "demo":
+        components = _load_folder(DEMO_VD)
+        components.source = "demo"
+    elif name in BUILT_IN:
         components = build_random(name, seed)
     else:
         folder = Path(name).expanduser()

@@ -103,7 +103,7 @@ def test_miniature_clip_conditions_the_tiny_unets(clip, tmp_path):
 def test_missing_folder_is_reported(tmp_path):
     with pytest.raises(MissingInputError, match="miniature CLIP folder .* lacks tokenizer, image_feature_extractor"):
         load_demo_clip(tmp_path)
-    assert DEMO_CLIP.name == "demo-clip"
+    assert DEMO_CLIP.name == "demo-vd"
 
 
 def test_training_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
@@ -131,4 +131,4 @@ def test_training_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
         straight, resumed = (load_file(tmp_path / run / tower / "model.safetensors") for run in ("straight", "resumed"))
         assert straight.keys() == resumed.keys()
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), tower
-    assert json.loads((tmp_path / "resumed" / "training.json").read_text())["settings"]["steps"] == 3
+    assert json.loads((tmp_path / "resumed" / "training-clip.json").read_text())["settings"]["steps"] == 3
