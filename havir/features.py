@@ -32,9 +32,9 @@ import torch
 from accelerate.utils import broadcast_object_list, gather_object
 from diffusers.image_processor import VaeImageProcessor
 
-from havir.devices import resolve_device, resolve_dtype
+from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
-from havir.errors import InvalidInputError
+from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder
 from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.layout import check_subject
@@ -110,11 +110,11 @@ def _read_prepared(data: Path, subject: int) -> tuple[np.ndarray, dict[int, list
     prepared = Path(data) / f"subj{subject:02d}.h5"
     meta_path = Path(data) / f"subj{subject:02d}.json"
     if not prepared.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
+        raise MissingInputError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
     meta = read_json(meta_path, what="prepared subject's record", fix="run `havir prepare` again", keys=("nsd_root",))
     with reading_prepared(prepared) as h5:
         if h5.attrs.get("format_version") != PREPARED_FORMAT:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{prepared} was written by another HAVIR version (format {h5.attrs.get('format_version')}, "
                 f"this one reads {PREPARED_FORMAT}): run `havir prepare` again"
             )
@@ -277,15 +277,11 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
 
 def _encode_batch(vd: VersatileDiffusion, ids: np.ndarray, images: np.ndarray, captions: dict[int, list[str]], batch_size: int):
     """(ids, VAE latents, CLIP image tokens, caption-averaged CLIP text tokens) of one batch, float16 arrays."""
-    try:
+    with smaller_batch_on_oom(batch_size):
         latents = encode_vae_latents(vd, images)
         image_tokens = encode_clip_images(vd, images)
         texts = [text for image in ids.tolist() for text in captions[image]]
         text_tokens = encode_clip_texts(vd, texts)
-    except torch.cuda.OutOfMemoryError as err:
-        raise MemoryError(
-            f"the GPU ran out of memory at batch size {batch_size}: try --batch-size {max(1, batch_size // 2)}"
-        ) from err
     counts = torch.tensor([len(captions[image]) for image in ids.tolist()], device=text_tokens.device)
     owner = torch.repeat_interleave(torch.arange(len(ids), device=text_tokens.device), counts)
     text_mean = torch.zeros(len(ids), *text_tokens.shape[1:], device=text_tokens.device, dtype=torch.float32)

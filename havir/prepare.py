@@ -52,7 +52,7 @@ import h5py
 import numpy as np
 
 import havir
-from havir.errors import InvalidInputError
+from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, check_free_space, flush_h5, open_h5, output_folder, package_versions
 from havir.masks import build_masks, definition_for
 from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
@@ -117,7 +117,7 @@ def load_split(path: Path, split: str) -> PreparedSubject:
     with reading_prepared(path) as h5:
         version = h5.attrs.get("format_version")
         if version != FORMAT_VERSION:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{path} is a prepared file of format {version}, this HAVIR reads format {FORMAT_VERSION}: "
                 "run havir prepare again"
             )
@@ -142,12 +142,12 @@ def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_f
         contiguous += 1
     wanted = contiguous if sessions is None else sessions
     if sessions is not None and (sessions < 1 or sessions > contiguous):
-        raise ValueError(
+        raise InvalidInputError(
             f"--sessions {sessions} asks for more sessions than subj{subject:02d} has: sessions 1..{contiguous} "
             f"are on disk in {layout.betas_dir(subject)} ({available} files in all); pass --sessions 1..{contiguous}"
         )
     if contiguous == 0:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"subj{subject:02d} has no betas_session01 in {layout.betas_dir(subject)}: sessions must start at 01"
         )
     files = []
@@ -158,7 +158,7 @@ def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_f
         elif betas_format in formats:
             fmt = betas_format
         else:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no {betas_format} betas for session {session:02d} of subj{subject:02d} in "
                 f"{layout.betas_dir(subject)}: use --betas-format auto"
             )
@@ -386,7 +386,7 @@ def prepare_subject(
     masks = build_masks(layout, subject, mask_definition)
     for betas in files:
         if betas.grid != masks.grid:
-            raise ValueError(
+            raise InvalidInputError(
                 f"ROI grid {masks.grid} does not match betas grid {betas.grid} of {betas.path.name} for "
                 f"subj{subject:02d}: were the ROIs taken from another subject or resolution (func1pt8mm expected)?"
             )

@@ -49,9 +49,9 @@ from diffusers.image_processor import VaeImageProcessor
 from safetensors import SafetensorError
 
 import havir
-from havir.devices import resolve_device, resolve_dtype
+from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
-from havir.errors import InvalidInputError
+from havir.errors import InvalidInputError, MissingInputError
 from havir.features import encode_clip_images, encode_clip_texts, features_path
 from havir.io import atomic_path, output_folder, write_json
 from havir.models.compat import set_text_share
@@ -230,7 +230,7 @@ def reconstruct_batch(
 ) -> np.ndarray:
     """Images (n, side, side, 3) uint8 for one batch of predictions, in ``mode``."""
     if mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise InvalidInputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "structural":
         return decode(vd, latents)
     noise = image_noise(nsd_ids, tuple(latents.shape[1:]), settings.seed)
@@ -304,11 +304,12 @@ def reconstruct(
         todo = [rows for rows in batches if missing.intersection(rows)]
         try:
             for rows in todo[launch.process_index :: launch.num_processes]:
-                images = reconstruct_batch(
-                    vd, mode, settings, nsd_ids[rows],
-                    *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
-                    unconditional,
-                )
+                with smaller_batch_on_oom(batch_size):
+                    images = reconstruct_batch(
+                        vd, mode, settings, nsd_ids[rows],
+                        *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
+                        unconditional,
+                    )
                 kept = [k for k, row in enumerate(rows) if row in missing]
                 write_images(out, nsd_ids[rows][kept], images[kept])
         except BaseException:
@@ -356,7 +357,7 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
 
     record_path = Path(run) / "summary.json"
     if not record_path.is_file():
-        raise FileNotFoundError(f"{run} holds no finished training run (no summary.json): run `havir train` first")
+        raise MissingInputError(f"{run} holds no finished training run (no summary.json): run `havir train` first")
     fix = "run `havir train` again into a new --out"
     record = read_json(record_path, what="training summary", fix=fix) | read_json(
         Path(run) / "run.json", what="run record", fix=fix, keys=("subject", "model", "data")

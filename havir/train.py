@@ -41,7 +41,7 @@ from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors import SafetensorError
 from safetensors.torch import load, load_file, save_file
 
-from havir.devices import resolve_device
+from havir.devices import resolve_device, smaller_batch_on_oom
 from havir.distributed import Shard, batch_shard, processes
 from havir.errors import InvalidInputError, MissingInputError
 from havir.features import FEATURES_FORMAT, features_path
@@ -189,13 +189,13 @@ def _inputs(data: Path, subject: int) -> tuple[Path, Path, np.ndarray]:
     check_subject(subject)
     prepared = Path(data) / f"subj{subject:02d}.h5"
     if not prepared.is_file():
-        raise FileNotFoundError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
+        raise MissingInputError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
     cache = features_path(data, subject)
     if not cache.is_file():
-        raise FileNotFoundError(f"no features for subj{subject:02d} in {data}: run `havir features` first")
+        raise MissingInputError(f"no features for subj{subject:02d} in {data}: run `havir features` first")
     with _reading_features(cache) as h5:
         if h5.attrs.get("subject") != subject or h5.attrs.get("format_version") != FEATURES_FORMAT:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{cache} holds features of subject {h5.attrs.get('subject')} (format {h5.attrs.get('format_version')}), "
                 f"not of subj{subject:02d} in format {FEATURES_FORMAT}: run `havir features` again"
             )
@@ -228,7 +228,7 @@ def _check_finite(path: Path, arrays: dict[str, np.ndarray], fix: str) -> None:
 def _check_covered(cache: Path, feature_ids: np.ndarray, nsd_ids: np.ndarray) -> None:
     missing = np.setdiff1d(nsd_ids, feature_ids)
     if missing.size:
-        raise ValueError(f"{cache} lacks features of {missing.size} images of the prepared data: run `havir features` again")
+        raise InvalidInputError(f"{cache} lacks features of {missing.size} images of the prepared data: run `havir features` again")
 
 
 def _averaged_split(structural, semantic, nsd_id, features: dict[str, np.ndarray], feature_ids, other=None) -> Split:
@@ -424,13 +424,13 @@ def _check_run_folder(run: Path, subject: int, model: str, config: TrainConfig) 
     record = run / "run.json"
     if not record.is_file():  # config.toml is written first: alone, it is a start that stopped there
         if run.exists() and any(p.name != "config.toml" and not p.name.startswith(".") for p in run.iterdir()):
-            raise ValueError(f"run folder {run} is not empty and holds no HAVIR run: choose another --out")
+            raise InvalidInputError(f"run folder {run} is not empty and holds no HAVIR run: choose another --out")
         return False
     held = read_json(record, what="run record", fix="delete the run folder or choose another --out")
     if (held.get("subject"), held.get("model"), held.get("config_sha256")) != (subject, model, config.sha256()):
         if not _has_results(run):
             return False  # a run that stopped before its first checkpoint: start this one instead
-        raise ValueError(
+        raise InvalidInputError(
             f"run folder {run} holds another run (subject {held.get('subject')}, model {held.get('model')}, "
             f"config {str(held.get('config_sha256'))[:12]}): choose another --out or delete it"
         )
@@ -483,7 +483,7 @@ def train_subject(
     features_vd = _features_model(features_path(data, subject))
     normalisation = prepared_normalisation(Path(data) / f"subj{subject:02d}.h5")  # recorded with the results
     if vd is not None and vd != features_vd:
-        raise ValueError(f"the features in {data} were computed with --vd {features_vd}, not {vd}: run `havir features --vd {vd}` first")
+        raise InvalidInputError(f"the features in {data} were computed with --vd {features_vd}, not {vd}: run `havir features --vd {vd}` first")
     # 2. Only now create the run folder and write into it.
     launch.wait_for_everyone()  # every process has checked the run folder before the main one writes into it
     # The main process locks it.
@@ -606,11 +606,12 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             batch = {name: value[rows] for name, value in fit.items()}
             shard = Shard.of(len(rows), launch.process_index, world) if world > 1 else None
-            with autocast:
-                losses = _losses(decoders, batch, config, shard)
-            optimizer.zero_grad(set_to_none=True)
-            # The processes' shares sum to the batch's loss, and DDP averages their gradients: hence x world.
-            ((losses["structural"] + losses["semantic"]) * world).backward()
+            with smaller_batch_on_oom(config.batch_size, "batch_size = {} in the --config TOML"):
+                with autocast:
+                    losses = _losses(decoders, batch, config, shard)
+                optimizer.zero_grad(set_to_none=True)
+                # The processes' shares sum to the batch's loss, and DDP averages their gradients: hence x world.
+                ((losses["structural"] + losses["semantic"]) * world).backward()
             optimizer.step()
             schedule.step()
             totals += torch.stack([losses["structural"].detach(), losses["semantic"].detach()]).float() * (len(rows) / n_fit)
@@ -618,7 +619,7 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
             totals = reduce(totals, reduction="sum")
         train_loss = dict(zip(models, totals.tolist()))
         if not all(np.isfinite(list(train_loss.values()))):
-            raise ValueError(
+            raise InvalidInputError(
                 f"the training loss became {train_loss} at epoch {epoch + 1}: lower learning_rate (now "
                 f"{config.learning_rate}) in the config; the last good checkpoint (epoch {checkpointed_epoch}) is in {checkpoint}"
             )

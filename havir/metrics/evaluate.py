@@ -21,6 +21,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from havir.devices import smaller_batch_on_oom
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, package_versions, write_json
 from havir.metrics.networks import (
@@ -147,7 +148,7 @@ def _feature_score(metric: FeatureMetric, truth: np.ndarray, recon: np.ndarray) 
     """(per-image scores, the correlation matrix for an identification metric else None)."""
     if metric.score == "identification":
         if len(truth) < 2:
-            raise ValueError("two-way identification needs at least two images")
+            raise InvalidInputError("two-way identification needs at least two images: reconstruct two or more test images (--limit 2 or more) and evaluate again")
         matrix = correlation_matrix(truth, recon)
         return identification_from_correlations(matrix), matrix
     return correlation_distance(truth, recon), None
@@ -177,9 +178,9 @@ def score_images(
     device = torch.device(device)
     metrics = tuple(preset.metrics) + STANDIN_METRICS if metrics is None else tuple(metrics)
     if len(ground_truth) != len(reconstructions):
-        raise ValueError(f"{len(ground_truth)} ground-truth images but {len(reconstructions)} reconstructions")
+        raise InvalidInputError(f"{len(ground_truth)} ground-truth images but {len(reconstructions)} reconstructions")
     if len(ground_truth) == 0:
-        raise ValueError("no images to score")
+        raise InvalidInputError("no images to score")
     truth_side = ground_truth.shape[1]
 
     def batches():
@@ -206,8 +207,9 @@ def score_images(
         layers = [metric.layer for metric in wanted if metric.network == network_name]
         features: dict[str, list[dict]] = {"truth": [], "recon": []}
         for truth, recon in batches():
-            features["truth"].append(network.features(truth, layers, device=device, batch_size=batch_size))
-            features["recon"].append(network.features(recon, layers, device=device, batch_size=batch_size))
+            with smaller_batch_on_oom(batch_size):
+                features["truth"].append(network.features(truth, layers, device=device, batch_size=batch_size))
+                features["recon"].append(network.features(recon, layers, device=device, batch_size=batch_size))
         for metric in (m for m in wanted if m.network == network_name):
             truth_features = np.concatenate([part[metric.layer] for part in features["truth"]])
             recon_features = np.concatenate([part[metric.layer] for part in features["recon"]])
@@ -225,10 +227,10 @@ def load_ground_truth(data: Path, subject: int) -> tuple[np.ndarray, np.ndarray,
     check_subject(subject)
     prepared = Path(data) / f"subj{subject:02d}.h5"
     if not prepared.is_file():
-        raise FileNotFoundError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
+        raise MissingInputError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
     with h5py.File(prepared, "r") as h5:
         if "test/stimuli" not in h5:
-            raise ValueError(f"{prepared} holds no test stimuli: run `havir prepare` again")
+            raise InvalidInputError(f"{prepared} holds no test stimuli: run `havir prepare` again")
         nsd_ids = h5["test/stimulus_nsd_id"][()]
         images = h5["test/stimuli"][()]
     record_path = prepared.with_suffix(".json")

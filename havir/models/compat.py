@@ -29,6 +29,8 @@ transformers_logging.set_verbosity_error()
 from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
 from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
 
+from havir.errors import InvalidInputError
+
 __all__ = ["UNetFlatConditionModel", "make_dual_unet", "set_text_share"]
 
 
@@ -63,7 +65,7 @@ def set_text_share(dual_unet: UNet2DConditionModel, text_share: float, text_toke
     tokens ordered [text | image]: the pipeline's ``text_to_image_strength``.
     """
     if not 0.0 <= text_share <= 1.0:
-        raise ValueError(f"text share must be in [0, 1], got {text_share}")
+        raise InvalidInputError(f"text share must be in [0, 1], got {text_share}")
     for module in dual_unet.modules():
         if isinstance(module, DualTransformer2DModel):
             module.mix_ratio = text_share

@@ -31,6 +31,7 @@ from torch import nn
 
 # nn.Dropout, whose masks also stay the same when a training batch is split across processes.
 from havir.distributed import ShardDropout
+from havir.errors import InvalidInputError
 
 
 class _ResidualMLP(nn.Module):
@@ -85,7 +86,7 @@ class StructuralGenerator(ModelMixin, ConfigMixin):
         super().__init__()
         stages = latent_size // map_size
         if map_size * stages != latent_size or stages & (stages - 1):
-            raise ValueError(f"latent_size / map_size must be a power of two, got {latent_size} / {map_size}")
+            raise InvalidInputError(f"latent_size / map_size must be a power of two, got {latent_size} / {map_size}")
         self.stem = _stem(n_voxels, width, input_dropout)
         self.backbone = _ResidualMLP(width, n_blocks, block_dropout)
         self.to_map = nn.Linear(width, map_channels * map_size * map_size)
@@ -129,7 +130,7 @@ def check_rank(rank: int | str) -> int | str:
     """``rank`` if it is a positive integer or ``"full"``; else a ValueError saying so."""
     if rank == "full" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
         return rank
-    raise ValueError(f"the semantic heads' rank must be a positive integer or \"full\", got {rank!r}")
+    raise InvalidInputError(f"the semantic heads' rank must be a positive integer or \"full\", got {rank!r}")
 
 
 class SemanticExtractor(ModelMixin, ConfigMixin):

@@ -170,7 +170,7 @@ def clip_byte_tokenizer() -> CLIPTokenizer:
 def build_random(name: str, seed: int = 0) -> VersatileDiffusion:
     """Build a built-in model with random weights drawn from ``seed`` (``demo``: but its VAE)."""
     if name not in BUILT_IN:
-        raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILT_IN)}")
+        raise InvalidInputError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILT_IN)}")
     configs = "tiny" if name == "demo" else name
     tokenizer = clip_byte_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -212,10 +212,10 @@ def _resolve_hub_id(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Versatile Diffusion weights {repo_id!r} are not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
             + (" and HF_HUB_OFFLINE is set" if offline else " and could not be downloaded")
-            + f": run `huggingface-cli download {repo_id}` where there is internet (about 8 GB), "
+            + f": run `hf download {repo_id}` where there is internet (about 8 GB), "
             "then copy the cache here or pass --vd /path/to/versatile-diffusion"
         ) from err
 
@@ -247,7 +247,7 @@ def load_versatile_diffusion(
         folder = Path(name).expanduser()
         if not folder.is_dir():
             if not _HUB_ID.fullmatch(name):
-                raise FileNotFoundError(f"Versatile Diffusion folder {folder} does not exist (nor is it a hub id)")
+                raise MissingInputError(f"Versatile Diffusion folder {folder} does not exist (nor is it a hub id)")
             folder = _resolve_hub_id(name)
         components = _load_folder(folder)
     return components.to(device=device, dtype=dtype)
@@ -256,7 +256,7 @@ def load_versatile_diffusion(
 def _load_folder(folder: Path) -> VersatileDiffusion:
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Versatile Diffusion folder {folder} lacks {', '.join(missing)}: expected the diffusers layout "
             f"({', '.join(COMPONENTS)}), e.g. a download of {DEFAULT_MODEL}"
         )
@@ -265,7 +265,7 @@ def _load_folder(folder: Path) -> VersatileDiffusion:
         raise MissingInputError(
             f"Versatile Diffusion folder {folder} has no .safetensors weights in {', '.join(pickled_only)} "
             "(HAVIR never unpickles .bin files): download the safetensors files "
-            f"(`huggingface-cli download {DEFAULT_MODEL} --include '*.safetensors' '*.json' '*.txt'`) "
+            f"(`hf download {DEFAULT_MODEL} --include '*.safetensors' '*.json' '*.txt'`) "
             "or convert the .bin files to safetensors where you trust them"
         )
     index_path = folder / "model_index.json"
