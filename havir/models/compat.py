@@ -21,15 +21,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from diffusers.models import DualTransformer2DModel, UNet2DConditionModel
-from transformers.utils import logging as transformers_logging
+
+from havir.errors import InvalidInputError
+from havir.library_logging import quiet_model_libraries
 
 # Importing the deprecated pipeline makes transformers warn that its fast image processor needs
 # torchvision; HAVIR uses the PIL one (CLIPImageProcessorPil), so the warning is noise.
-transformers_logging.set_verbosity_error()
-from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
-from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
-
-from havir.errors import InvalidInputError
+with quiet_model_libraries():
+    from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
 
 __all__ = ["UNetFlatConditionModel", "make_dual_unet", "set_text_share"]
 

@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from diffusers.utils import logging as diffusers_logging
 from transformers import (
     CLIPImageProcessorPil,
     CLIPTextConfig,
@@ -43,10 +42,9 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from transformers.utils import logging as transformers_logging
-
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path
+from havir.library_logging import quiet_model_libraries
 from havir.models.compat import UNetFlatConditionModel, make_dual_unet
 
 DEFAULT_MODEL = "shi-labs/versatile-diffusion"
@@ -220,6 +218,7 @@ def _resolve_hub_id(repo_id: str) -> Path:
         ) from err
 
 
+@quiet_model_libraries()  # the libraries' per-file progress bars and notes would drown HAVIR's own progress
 def load_versatile_diffusion(
     model: str | Path = DEFAULT_MODEL,
     *,
@@ -235,11 +234,6 @@ def load_versatile_diffusion(
     device, dtype : where and in what precision the modules live (bf16 or fp16 on CUDA).
     seed : seed of the random weights of the built-in architectures.
     """
-    # The libraries' per-file progress bars and notes would drown HAVIR's own progress.
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
     name = str(model)
     if name in BUILT_IN:
         components = build_random(name, seed)
