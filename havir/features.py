@@ -42,6 +42,7 @@ from havir.nsd.stimuli import iter_stimuli
 from havir.prepare import FORMAT_VERSION as PREPARED_FORMAT
 from havir.prepare import reading_prepared
 from havir.progress import track
+from havir.targets import TARGET_NAMES, TARGETS, stored_bytes, target_shapes
 from havir.validation import Interval, Rule, check_options, read_json
 
 FEATURES_FORMAT = 1
@@ -177,17 +178,11 @@ def compute_features(
     if final.is_file() and _cached(final, settings, nsd_ids):
         return _summary(subject, nsd_ids, len(nsd_ids), settings, torch_device, final, started)
     vd = load_versatile_diffusion(model, device=torch_device, dtype=torch_dtype, seed=seed)
-    latent_side = vd.image_side // 2 ** (len(vd.vae.config.block_out_channels) - 1)
-    latent_shape = (vd.vae.config.latent_channels, latent_side, latent_side)
-    dim = vd.embedding_dim
-    n_image_tokens = (vd.image_encoder.config.image_size // vd.image_encoder.config.patch_size) ** 2 + 1
-
     launch = processes()
-    row_bytes = 2 * (int(np.prod(latent_shape)) + (n_image_tokens + TEXT_TOKENS) * dim)  # float16
+    row_bytes = stored_bytes(vd.target_sizes)
     with output_folder(Path(data), lock=launch.is_main_process, scope=f"subj{subject:02d}"):
         try:
-            resumed = _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size,
-                                   latent_shape, n_image_tokens, row_bytes, progress)
+            resumed = _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size, row_bytes, progress)
         except Exception as err:
             if is_disk_full(err):  # nothing to resume on a full disk: leave no partial file
                 partial.unlink(missing_ok=True)
@@ -219,7 +214,7 @@ def _resumable(partial: Path, settings: FeatureSettings, nsd_ids: np.ndarray) ->
             if h5.attrs.get("settings") != json.dumps(settings.__dict__) or not np.array_equal(h5["nsd_id"][()], nsd_ids):
                 return False
             done = np.flatnonzero(h5["done"][()])
-            for name in ("vae_latents", "clip_image", "clip_text"):
+            for name in TARGET_NAMES:
                 for start in range(0, len(done), 64):
                     h5[name][done[start : start + 64].tolist()]
         return True
@@ -227,14 +222,12 @@ def _resumable(partial: Path, settings: FeatureSettings, nsd_ids: np.ndarray) ->
         return False
 
 
-def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size, latent_shape,
-                 n_image_tokens, row_bytes, progress) -> int:
+def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size, row_bytes, progress) -> int:
     """Encode every image not yet done into ``partial``; returns how many were already done.
 
     The main process alone opens (and writes) the file; the others send it their batches.
     """
     launch = processes()
-    dim = vd.embedding_dim
     todo = None
     if launch.is_main_process:
         if not _resumable(partial, settings, nsd_ids):
@@ -246,9 +239,8 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
                 h5.attrs.update(settings=json.dumps(settings.__dict__), format_version=FEATURES_FORMAT, subject=subject)
                 h5["nsd_id"] = nsd_ids
                 # Checksummed chunks: a chunk damaged by a kill fails its read instead of returning garbage.
-                for name, shape in (("vae_latents", latent_shape), ("clip_image", (n_image_tokens, dim)),
-                                    ("clip_text", (TEXT_TOKENS, dim))):
-                    h5.create_dataset(name, (len(nsd_ids), *shape), np.float16, chunks=(1, *shape), fletcher32=True)
+                for name, shape in target_shapes(vd.target_sizes).items():
+                    h5.create_dataset(name, (len(nsd_ids), *shape), TARGETS[name].stored_dtype, chunks=(1, *shape), fletcher32=True)
                 h5.create_dataset("done", (len(nsd_ids),), bool, fillvalue=False)
             todo = nsd_ids[~h5["done"][()]]
         todo = broadcast_object_list([todo])[0]
@@ -292,7 +284,7 @@ def _encode_batch(vd: VersatileDiffusion, ids: np.ndarray, images: np.ndarray, c
 
 def _summary(subject, nsd_ids, resumed, settings, device, path, started) -> dict:
     with h5py.File(path, "r") as h5:
-        shapes = {name: list(h5[name].shape[1:]) for name in ("vae_latents", "clip_image", "clip_text")}
+        shapes = {name: list(h5[name].shape[1:]) for name in TARGET_NAMES}
     return {
         "subject": subject,
         "images": int(len(nsd_ids)),

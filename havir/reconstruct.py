@@ -56,6 +56,7 @@ from havir.features import encode_clip_images, encode_clip_texts, features_path
 from havir.io import atomic_path, output_folder, write_json
 from havir.models.compat import set_text_share
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
+from havir.targets import TARGET_NAMES
 from havir.validation import Interval, OneOf, Rule, check_options, check_values, option_name, read_json, reading_hdf5
 
 MODES = ("fused", "structural", "semantic")
@@ -307,7 +308,7 @@ def reconstruct(
                 with smaller_batch_on_oom(batch_size):
                     images = reconstruct_batch(
                         vd, mode, settings, nsd_ids[rows],
-                        *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
+                        *(torch.as_tensor(predictions[name][rows]) for name in TARGET_NAMES),
                         unconditional,
                     )
                 kept = [k for k, row in enumerate(rows) if row in missing]
@@ -349,7 +350,7 @@ def _check_made_with(out: Path, made_with: dict) -> None:
 def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[str, torch.Tensor], dict]:
     """Predictions of a trained run for its subject's test images (repetition averages).
 
-    Returns (nsd_ids (n,), {"vae_latents", "clip_image", "clip_text"} tensors, the run's record).
+    Returns (nsd_ids (n,), {target name: tensor} for every target of :mod:`havir.targets`, the run's record).
     """
     from havir.models.decoders import SemanticExtractor, StructuralGenerator
     from havir.models.ridge import RidgeDecoder
@@ -376,12 +377,9 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
         else:
             structural = load_decoder(StructuralGenerator, Path(run) / "structural").to(device)
             semantic = load_decoder(SemanticExtractor, Path(run) / "semantic").to(device)
-            image_tokens, text_tokens = semantic(torch.as_tensor(test.semantic, device=device))
-            predictions = {
-                "vae_latents": structural(torch.as_tensor(test.structural, device=device)).float().cpu(),
-                "clip_image": image_tokens.float().cpu(),
-                "clip_text": text_tokens.float().cpu(),
-            }
+            predicted = (structural.predict(torch.as_tensor(test.structural, device=device))
+                         | semantic.predict(torch.as_tensor(test.semantic, device=device)))
+            predictions = {name: value.float().cpu() for name, value in predicted.items()}
     return test.nsd_id, predictions, record
 
 

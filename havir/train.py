@@ -53,6 +53,7 @@ from havir.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
 from havir.nsd.layout import check_subject
 from havir.prepare import load_split, prepared_normalisation
 from havir.progress import track
+from havir.targets import TARGET_NAMES
 from havir.validation import AnyOf, Interval, ListOf, OneOf, Rule, check_options, check_values, read_json, reading_hdf5
 
 if sys.version_info >= (3, 11):
@@ -60,7 +61,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TARGETS = ("vae_latents", "clip_image", "clip_text")
+TARGETS = TARGET_NAMES  # the names, in the order the features cache and the Split hold them
 #: The ridge baseline's settings. ``search``: HAVIR's two voxel sets, the fit rows of the run
 #: (trials or averages, ``use_trials``), each strength chosen from ``ridge_alphas`` on a split of
 #: the training images. ``brain-diffuser``: its scripts/*_regression.py -- every nsdgeneral voxel,
@@ -317,25 +318,26 @@ def _tensors(part: Split, device: torch.device) -> dict[str, torch.Tensor]:
 class Decoders(torch.nn.Module):
     """Both decoders as one module: they train on one loss, and DDP syncs one module's gradients.
 
-    ``decoders(structural_voxels, semantic_voxels)`` -> (latents, image tokens, text tokens).
+    ``decoders(structural_voxels, semantic_voxels)`` -> ``{target name: prediction}``, every
+    target of :mod:`havir.targets`.
     """
 
     def __init__(self, structural: StructuralGenerator, semantic: SemanticExtractor):
         super().__init__()
         self.structural, self.semantic = structural, semantic
 
-    def forward(self, structural_voxels: torch.Tensor, semantic_voxels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.structural(structural_voxels), *self.semantic(semantic_voxels))
+    def forward(self, structural_voxels: torch.Tensor, semantic_voxels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.structural.predict(structural_voxels) | self.semantic.predict(semantic_voxels)
 
 
 def _losses(decoders, batch: dict[str, torch.Tensor], config: TrainConfig, shard: Shard | None = None) -> dict[str, torch.Tensor]:
     """Both pathways' losses on ``batch``; with ``shard``, this process's share of them."""
     if shard is not None:
         return _shard_losses(decoders, batch, config, shard)
-    latents, image_tokens, text_tokens = (t.float() for t in decoders(batch["structural"], batch["semantic"]))
-    s = structural_loss(latents, batch["vae_latents"], config.edge_weight)
-    i = semantic_loss(image_tokens, batch["clip_image"], config.cosine_weight, config.contrastive_weight)
-    t = semantic_loss(text_tokens, batch["clip_text"], config.cosine_weight, config.contrastive_weight)
+    predicted = {name: value.float() for name, value in decoders(batch["structural"], batch["semantic"]).items()}
+    s = structural_loss(predicted["vae_latents"], batch["vae_latents"], config.edge_weight)
+    i = semantic_loss(predicted["clip_image"], batch["clip_image"], config.cosine_weight, config.contrastive_weight)
+    t = semantic_loss(predicted["clip_text"], batch["clip_text"], config.cosine_weight, config.contrastive_weight)
     return {"structural": s["total"], "semantic": i["total"] + t["total"]}
 
 
@@ -350,7 +352,9 @@ def _shard_losses(decoders, batch: dict[str, torch.Tensor], config: TrainConfig,
     """
     local = {name: value[shard.rows] for name, value in batch.items()}
     with batch_shard(shard):
-        latents, image_tokens, text_tokens = (t.float() for t in decoders(local["structural"], local["semantic"]))
+        latents, image_tokens, text_tokens = (
+            t.float() for t in decoders(local["structural"], local["semantic"]).values()  # in TARGET_NAMES order
+        )
     if shard.size:
         s = shard.weight * structural_loss(latents, local["vae_latents"], config.edge_weight)["total"]
         m = shard.weight * (semantic_loss(image_tokens, local["clip_image"], config.cosine_weight, 0.0)["total"]
@@ -379,9 +383,8 @@ def evaluate(structural, semantic, part: Split, device: torch.device) -> dict[st
     structural.eval()
     semantic.eval()
     tensors = _tensors(part, device)
-    latents = structural(tensors["structural"]).float()
-    image_tokens, text_tokens = (t.float() for t in semantic(tensors["semantic"]))
-    return scores({"vae_latents": latents, "clip_image": image_tokens, "clip_text": text_tokens}, tensors)
+    predicted = structural.predict(tensors["structural"]) | semantic.predict(tensors["semantic"])
+    return scores({name: value.float() for name, value in predicted.items()}, tensors)
 
 
 def scores(predicted: dict, target: dict) -> dict[str, float]:

@@ -32,6 +32,7 @@ from torch import nn
 # nn.Dropout, whose masks also stay the same when a training batch is split across processes.
 from havir.distributed import ShardDropout
 from havir.errors import InvalidInputError
+from havir.targets import targets_of
 
 
 class _ResidualMLP(nn.Module):
@@ -68,6 +69,9 @@ class StructuralGenerator(ModelMixin, ConfigMixin):
         ``latent_size / map_size`` must be a power of two (one 2x upsampling stage per factor).
     groups : GroupNorm groups.
     """
+
+    #: What :meth:`predict` returns (see :mod:`havir.targets`).
+    targets = targets_of("structural")
 
     @register_to_config
     def __init__(
@@ -108,6 +112,10 @@ class StructuralGenerator(ModelMixin, ConfigMixin):
         low = self.to_map(hidden).view(-1, config.map_channels, config.map_size, config.map_size)
         return self.upsample(self.map_norm(low))
 
+    def predict(self, voxels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"vae_latents": latents}`` of ``voxels`` (batch, n_voxels)."""
+        return dict(zip(self.targets, (self(voxels),), strict=True))
+
 
 class _TokenHead(nn.Module):
     """Backbone features -> (n_tokens, dim) through ``rank`` numbers per token (``"full"``: a
@@ -145,6 +153,9 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
     rank : numbers per token in the token-factorised heads, or ``"full"`` (dense heads).
     """
 
+    #: What :meth:`predict` returns (see :mod:`havir.targets`).
+    targets = targets_of("semantic")
+
     @register_to_config
     def __init__(
         self,
@@ -169,6 +180,10 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
         """``voxels`` (batch, n_voxels) -> (image tokens (batch, 257, dim), text tokens (batch, 77, dim))."""
         hidden = self.backbone(self.stem(voxels))
         return self.image_head(hidden), self.text_head(hidden)
+
+    def predict(self, voxels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"clip_image": image tokens, "clip_text": text tokens}`` of ``voxels`` (batch, n_voxels)."""
+        return dict(zip(self.targets, self(voxels), strict=True))
 
 
 def variance_kept_by_rank(tokens: np.ndarray, ranks: list[int]) -> dict:

@@ -46,6 +46,7 @@ from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path
 from havir.library_logging import quiet_model_libraries
 from havir.models.compat import UNetFlatConditionModel, make_dual_unet
+from havir.targets import TargetSizes
 
 DEFAULT_MODEL = "shi-labs/versatile-diffusion"
 BUILT_IN = ("tiny", "demo", "full-random")
@@ -99,6 +100,13 @@ class VersatileDiffusion:
     def embedding_dim(self) -> int:
         """Width of the CLIP tokens the UNet is conditioned on (768 for the released model)."""
         return int(self.text_encoder.config.projection_dim)
+
+    @property
+    def target_sizes(self) -> TargetSizes:
+        """Sizes of the training targets its encoders give (see :mod:`havir.targets`)."""
+        latent_side = self.image_side // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        image_tokens = (self.image_encoder.config.image_size // self.image_encoder.config.patch_size) ** 2 + 1
+        return TargetSizes(self.vae.config.latent_channels, latent_side, image_tokens, TEXT_TOKENS, self.embedding_dim)
 
     def save_pretrained(self, folder: Path) -> Path:
         """Write the diffusers layout that :func:`load_versatile_diffusion` reads back.
