@@ -21,73 +21,28 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import PIL.Image
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
-from diffusers.image_processor import VaeImageProcessor
 
+from havir.artifacts.features_cache import FEATURES_FORMAT, features_path
+from havir.artifacts.prepared import FORMAT_VERSION as PREPARED_FORMAT
+from havir.artifacts.prepared import prepared_record_path, reading_prepared, require_prepared
 from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
-from havir.errors import InvalidInputError, MissingInputError
+from havir.errors import InvalidInputError
 from havir.io import atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder
-from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion, load_versatile_diffusion
+from havir.models.encoding import encode_clip_images, encode_clip_texts, encode_vae_latents
+from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.layout import check_subject
 from havir.nsd.stimuli import iter_stimuli
-from havir.prepare import FORMAT_VERSION as PREPARED_FORMAT
-from havir.prepare import reading_prepared
 from havir.progress import track
 from havir.targets import TARGET_NAMES, TARGETS, stored_bytes, target_shapes
 from havir.validation import Interval, Rule, check_options, read_json
-
-FEATURES_FORMAT = 1
-
-Images = np.ndarray | Sequence[PIL.Image.Image]
-
-
-def _as_pil(images: Images) -> list[PIL.Image.Image]:
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise TypeError(f"images must be uint8 of shape (n, height, width, 3), got {images.dtype} {images.shape}")
-        return [PIL.Image.fromarray(image) for image in images]
-    return [image.convert("RGB") for image in images]
-
-
-@torch.no_grad()
-def encode_vae_latents(vd: VersatileDiffusion, images: Images) -> torch.Tensor:
-    """VAE latents of ``images`` (uint8 (n, h, w, 3) or PIL) resized to ``vd.image_side``:
-    float (n, 4, side / 8, side / 8), i.e. (n, 4, 64, 64) for the released model."""
-    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vd.vae.config.block_out_channels) - 1))
-    pixels = processor.preprocess(_as_pil(images), height=vd.image_side, width=vd.image_side)  # in [-1, 1]
-    pixels = pixels.to(device=vd.device, dtype=vd.vae.dtype)
-    return vd.vae.encode(pixels).latent_dist.mode() * vd.vae.config.scaling_factor
-
-
-@torch.no_grad()
-def encode_clip_images(vd: VersatileDiffusion, images: Images) -> torch.Tensor:
-    """CLIP image tokens as Versatile Diffusion conditions on them: float (n, 257, D)."""
-    pixels = vd.image_processor(images=_as_pil(images), return_tensors="pt").pixel_values
-    encoder = vd.image_encoder
-    hidden = encoder(pixels.to(device=encoder.device, dtype=encoder.dtype)).last_hidden_state
-    tokens = encoder.visual_projection(encoder.vision_model.post_layernorm(hidden))
-    return tokens / torch.norm(tokens[:, 0:1], dim=-1, keepdim=True)
-
-
-@torch.no_grad()
-def encode_clip_texts(vd: VersatileDiffusion, texts: Sequence[str]) -> torch.Tensor:
-    """CLIP text tokens as Versatile Diffusion conditions on them: float (n, 77, D)."""
-    ids = vd.tokenizer(
-        list(texts), padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
-    ).input_ids
-    output = vd.text_encoder(ids.to(vd.text_encoder.device))
-    tokens = vd.text_encoder.text_projection(output.last_hidden_state)
-    return tokens / torch.norm(output.text_embeds.unsqueeze(1), dim=-1, keepdim=True)
-
 
 @dataclass(frozen=True)
 class FeatureSettings:
@@ -102,17 +57,10 @@ class FeatureSettings:
 FEATURES_OPTIONS: dict[str, Rule] = {"batch_size": Interval(int, 1), "seed": Interval(int, 0, 2**32 - 1)}
 
 
-def features_path(data: Path, subject: int) -> Path:
-    return Path(data) / f"subj{subject:02d}_features.h5"
-
-
 def _read_prepared(data: Path, subject: int) -> tuple[np.ndarray, dict[int, list[str]], Path]:
     """All images the subject saw (sorted), their captions, and the NSD stimuli file."""
-    prepared = Path(data) / f"subj{subject:02d}.h5"
-    meta_path = Path(data) / f"subj{subject:02d}.json"
-    if not prepared.is_file() or not meta_path.is_file():
-        raise MissingInputError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
-    meta = read_json(meta_path, what="prepared subject's record", fix="run `havir prepare` again", keys=("nsd_root",))
+    prepared = require_prepared(data, subject, with_record=True)
+    meta = read_json(prepared_record_path(data, subject), what="prepared subject's record", fix="run `havir prepare` again", keys=("nsd_root",))
     with reading_prepared(prepared) as h5:
         if h5.attrs.get("format_version") != PREPARED_FORMAT:
             raise InvalidInputError(

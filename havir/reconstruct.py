@@ -49,15 +49,18 @@ from diffusers.image_processor import VaeImageProcessor
 from safetensors import SafetensorError
 
 import havir
+from havir.artifacts.dataset import load_test_data, ridge_voxels
+from havir.artifacts.features_cache import features_path, features_settings
+from havir.artifacts.run import load_decoder, read_finished_run
 from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
-from havir.errors import InvalidInputError, MissingInputError
-from havir.features import encode_clip_images, encode_clip_texts, features_path
+from havir.errors import InvalidInputError
 from havir.io import atomic_path, output_folder, write_json
 from havir.models.compat import set_text_share
+from havir.models.encoding import encode_clip_images, encode_clip_texts
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 from havir.targets import TARGET_NAMES
-from havir.validation import Interval, OneOf, Rule, check_options, check_values, option_name, read_json, reading_hdf5
+from havir.validation import Interval, OneOf, Rule, check_options, check_values, option_name
 
 MODES = ("fused", "structural", "semantic")
 #: Written first into a reconstruction folder: what its PNGs are made with (checked on resume).
@@ -354,15 +357,9 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
     """
     from havir.models.decoders import SemanticExtractor, StructuralGenerator
     from havir.models.ridge import RidgeDecoder
-    from havir.train import load_decoder, load_test_data, ridge_voxels
 
-    record_path = Path(run) / "summary.json"
-    if not record_path.is_file():
-        raise MissingInputError(f"{run} holds no finished training run (no summary.json): run `havir train` first")
     fix = "run `havir train` again into a new --out"
-    record = read_json(record_path, what="training summary", fix=fix) | read_json(
-        Path(run) / "run.json", what="run record", fix=fix, keys=("subject", "model", "data")
-    )
+    record = read_finished_run(run)
     test = load_test_data(Path(record["data"]), record["subject"])
     with torch.no_grad():
         if record["model"] == "ridge":
@@ -381,18 +378,6 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
                          | semantic.predict(torch.as_tensor(test.semantic, device=device)))
             predictions = {name: value.float().cpu() for name, value in predicted.items()}
     return test.nsd_id, predictions, record
-
-
-def _features_settings(cache: Path) -> dict:
-    """What a features cache was computed with: ``{"model", "dtype", "seed"}``."""
-    fix = "run `havir features` again"
-    with reading_hdf5(cache, what="features cache", fix=fix) as h5:
-        settings = h5.attrs["settings"]
-    try:
-        settings = json.loads(settings)
-        return {key: settings[key] for key in ("model", "seed")}
-    except (ValueError, KeyError, TypeError) as err:
-        raise InvalidInputError(f"features cache {cache} has no valid settings record ({err}): {fix}") from err
 
 
 def reconstruct_run(
@@ -414,7 +399,7 @@ def reconstruct_run(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     nsd_ids, predictions, record = predict_test_set(run, torch_device)
-    features = _features_settings(features_path(Path(record["data"]), record["subject"]))
+    features = features_settings(features_path(Path(record["data"]), record["subject"]))
     vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=torch_dtype, seed=features["seed"])
     return reconstruct(
         vd, predictions, nsd_ids, Path(out), mode=mode, settings=settings, batch_size=batch_size, limit=limit,

@@ -21,6 +21,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from havir.artifacts.prepared import prepared_normalisation, prepared_record_path, require_prepared
 from havir.devices import smaller_batch_on_oom
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, package_versions, write_json
@@ -49,7 +50,6 @@ from havir.metrics.scores import (
     ssim,
 )
 from havir.nsd.layout import check_subject
-from havir.prepare import prepared_normalisation
 from havir.progress import track
 
 #: Metric names in the order of the published tables (``cli.md``'s ``--json`` keys).
@@ -225,16 +225,14 @@ def load_ground_truth(data: Path, subject: int) -> tuple[np.ndarray, np.ndarray,
     """A subject's test stimuli from the prepared data: (nsd_ids (n,), uint8 images (n, s, s, 3),
     the data protocol: subject, sessions read, number of test images, normalisation)."""
     check_subject(subject)
-    prepared = Path(data) / f"subj{subject:02d}.h5"
-    if not prepared.is_file():
-        raise MissingInputError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
+    prepared = require_prepared(data, subject)
     with h5py.File(prepared, "r") as h5:
         if "test/stimuli" not in h5:
             raise InvalidInputError(f"{prepared} holds no test stimuli: run `havir prepare` again")
         nsd_ids = h5["test/stimulus_nsd_id"][()]
         images = h5["test/stimuli"][()]
-    record_path = prepared.with_suffix(".json")
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record_file = prepared_record_path(data, subject)
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     protocol = {"subject": subject, "sessions": record.get("sessions"), "test_images": int(len(nsd_ids)),
                 "normalisation": prepared_normalisation(prepared)}
     return nsd_ids, images, protocol
