@@ -51,7 +51,7 @@ from safetensors import SafetensorError
 import havir
 from havir.artifacts.dataset import load_test_data, ridge_voxels
 from havir.artifacts.features_cache import features_path, features_settings
-from havir.artifacts.run import load_decoder, read_finished_run
+from havir.artifacts.run import load_decoders, read_finished_run
 from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
@@ -355,7 +355,6 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
 
     Returns (nsd_ids (n,), {target name: tensor} for every target of :mod:`havir.targets`, the run's record).
     """
-    from havir.models.decoders import SemanticExtractor, StructuralGenerator
     from havir.models.ridge import RidgeDecoder
 
     fix = "run `havir train` again into a new --out"
@@ -372,10 +371,10 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
             predicted = ridge.predict(ridge_voxels(test, record.get("ridge", {}).get("inputs", "sets")))
             predictions = {name: torch.as_tensor(value) for name, value in predicted.items()}
         else:
-            structural = load_decoder(StructuralGenerator, Path(run) / "structural").to(device)
-            semantic = load_decoder(SemanticExtractor, Path(run) / "semantic").to(device)
-            predicted = (structural.predict(torch.as_tensor(test.structural, device=device))
-                         | semantic.predict(torch.as_tensor(test.semantic, device=device)))
+            decoders = load_decoders(run, device)
+            predicted = {}
+            for role, decoder in decoders.items():  # each reads its own voxels (see havir.targets)
+                predicted |= decoder.predict(torch.as_tensor(getattr(test, role), device=device))
             predictions = {name: value.float().cpu() for name, value in predicted.items()}
     return test.nsd_id, predictions, record
 

@@ -53,18 +53,18 @@ from havir.artifacts.dataset import (  # noqa: F401 (Split, load_test_data and r
 )
 from havir.artifacts.features_cache import features_path, features_settings, reading_features
 from havir.artifacts.prepared import load_split, prepared_normalisation, prepared_path
-from havir.artifacts.run import load_decoder, save_decoder
+from havir.artifacts.run import load_decoders, save_decoder
 from havir.devices import resolve_device, smaller_batch_on_oom
 from havir.distributed import Shard, batch_shard, processes
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, output_folder, write_json
 from havir.losses import info_nce, semantic_loss, structural_loss
 from havir.metrics.scores import row_correlations, two_way_identification
-from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator
+from havir.models.decoders import DECODERS, PRESETS, SemanticExtractor, StructuralGenerator
 from havir.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
 from havir.progress import track
-from havir.targets import TARGET_NAMES
-from havir.validation import AnyOf, Interval, ListOf, OneOf, Rule, check_options, check_values, read_json
+from havir.targets import TARGET_NAMES, TargetSizes
+from havir.validation import AnyOf, Interval, KeyOf, ListOf, OneOf, Rule, check_options, check_values, read_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,6 +92,8 @@ class TrainConfig:
     against :attr:`CONSTRAINTS`, so a bad value is refused before any data is read or written."""
 
     preset: str = "paper"  # decoder sizes: "paper" or "tiny"
+    structural_decoder: str = "StructuralGenerator"  # decoder architectures: registered classes (havir.models.decoders.DECODERS)
+    semantic_decoder: str = "SemanticExtractor"
     semantic_rank: int | str = "preset"  # rank of the semantic token heads: "preset" (its own), "full" or a positive integer
     epochs: int = 40
     batch_size: int = 64
@@ -110,6 +112,8 @@ class TrainConfig:
 
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
         "preset": OneOf(*PRESETS),
+        "structural_decoder": KeyOf(DECODERS),
+        "semantic_decoder": KeyOf(DECODERS),
         "semantic_rank": AnyOf(OneOf("preset", "full"), Interval(int, 1)),
         "ridge_preset": OneOf(*RIDGE_PRESETS),
         "epochs": Interval(int, 1),
@@ -129,6 +133,13 @@ class TrainConfig:
 
     def __post_init__(self):
         check_values(dataclasses.asdict(self), self.CONSTRAINTS, fix="fix it in the training config (--config)")
+        for role in ("structural", "semantic"):
+            name = getattr(self, f"{role}_decoder")
+            if DECODERS[name].role != role:
+                raise InvalidInputError(
+                    f"{role}_decoder = {name!r} is a {DECODERS[name].role} decoder: choose a {role} one "
+                    f"({', '.join(n for n, c in DECODERS.items() if c.role == role)}) in the training config (--config)"
+                )
 
     @classmethod
     def from_toml(cls, path: Path) -> TrainConfig:
@@ -205,19 +216,16 @@ def load_training_data(data: Path, subject: int, config: TrainConfig) -> Trainin
 
 
 def build_decoders(data: TrainingData, config: TrainConfig) -> tuple[StructuralGenerator, SemanticExtractor]:
-    """Decoders sized for ``data`` (voxel counts, target shapes) and the config's preset."""
-    preset = PRESETS[config.preset]
-    latent_channels, latent_size = data.fit.vae_latents.shape[1], data.fit.vae_latents.shape[-1]
-    structural = StructuralGenerator(
-        n_voxels=data.fit.structural.shape[1], latent_channels=latent_channels, latent_size=latent_size,
-        map_size=max(1, latent_size // 4), **preset["structural"],
-    )
-    semantic_sizes = preset["semantic"] | ({} if config.semantic_rank == "preset" else {"rank": config.semantic_rank})
-    semantic = SemanticExtractor(
-        n_voxels=data.fit.semantic.shape[1], dim=data.fit.clip_image.shape[-1],
-        image_tokens=data.fit.clip_image.shape[1], text_tokens=data.fit.clip_text.shape[1], **semantic_sizes,
-    )
-    return structural, semantic
+    """The config's decoder architectures, sized for ``data`` (voxel counts, target shapes) and
+    the config's size preset."""
+    fit = data.fit
+    sizes = TargetSizes(latent_channels=fit.vae_latents.shape[1], latent_side=fit.vae_latents.shape[-1],
+                        image_tokens=fit.clip_image.shape[1], text_tokens=fit.clip_text.shape[1], dim=fit.clip_image.shape[-1])
+    decoders = []
+    for role, name in (("structural", config.structural_decoder), ("semantic", config.semantic_decoder)):
+        settings = {"rank": config.semantic_rank} if role == "semantic" and config.semantic_rank != "preset" else {}
+        decoders.append(DECODERS[name].for_targets(getattr(fit, role).shape[1], sizes, config.preset, **settings))
+    return tuple(decoders)
 
 
 def _tensors(part: Split, device: torch.device) -> dict[str, torch.Tensor]:
@@ -529,14 +537,13 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
 
     summary = None
     if main:
-        best_structural = load_decoder(StructuralGenerator, run / "structural").to(device)
-        best_semantic = load_decoder(SemanticExtractor, run / "semantic").to(device)
+        best = load_decoders(run, device)
         summary = {
             "epochs": config.epochs,
             "final_train_loss": state["last"]["train_loss"],
             "final_val_loss": state["last"]["val_loss"],
             "best_epoch": state["best_epoch"],
-            "test_scores": evaluate(best_structural, best_semantic, dataset.test, device),
+            "test_scores": evaluate(best["structural"], best["semantic"], dataset.test, device),
         }
     return broadcast_object_list([summary])[0]
 

@@ -17,8 +17,11 @@ from safetensors.torch import load, save_file
 
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path
+from havir.models.decoders import DECODERS
 from havir.validation import read_json
 
+#: The decoder folders of a run, one per role (what each reads and predicts, see :mod:`havir.targets`).
+DECODER_ROLES = ("structural", "semantic")
 RUN_RECORD = "run.json"
 SUMMARY = "summary.json"
 _RETRAIN = "run `havir train` again into a new --out"
@@ -54,3 +57,21 @@ def load_decoder(cls, folder: Path):
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise InvalidInputError(f"decoder in {folder} cannot be loaded ({reason}): {_RETRAIN}") from err
     return model.eval()
+
+
+def load_decoders(run: Path, device: torch.device | str = "cpu") -> dict:
+    """``{role: decoder}`` of a run's ``structural/`` and ``semantic/`` folders, each rebuilt as the
+    class named in its ``config.json`` (``_class_name``; see :data:`havir.models.decoders.DECODERS`),
+    in eval mode on ``device``."""
+    decoders = {}
+    for role in DECODER_ROLES:
+        folder = Path(run) / role
+        config = read_json(folder / "config.json", what="decoder config", fix=_RETRAIN, keys=("_class_name",))
+        name = config["_class_name"]
+        if name not in DECODERS:
+            raise InvalidInputError(
+                f"decoder in {folder} is a {name}, which this HAVIR does not know (it knows {', '.join(DECODERS)}): "
+                "import the module that registers it, or " + _RETRAIN
+            )
+        decoders[role] = load_decoder(DECODERS[name], folder).to(device)
+    return decoders

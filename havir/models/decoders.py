@@ -32,7 +32,27 @@ from torch import nn
 # nn.Dropout, whose masks also stay the same when a training batch is split across processes.
 from havir.distributed import ShardDropout
 from havir.errors import InvalidInputError
-from havir.targets import targets_of
+from havir.targets import TargetSizes, targets_of
+
+#: Decoder classes by class name: the name diffusers writes as ``_class_name`` into each saved
+#: decoder's ``config.json``, and the value of the training settings ``structural_decoder`` and
+#: ``semantic_decoder``. Add one with :func:`register_decoder`.
+DECODERS: dict[str, type] = {}
+
+
+def register_decoder(cls: type) -> type:
+    """Class decorator: make a decoder choosable in the training settings and loadable from a run.
+
+    A decoder is a diffusers ``ModelMixin, ConfigMixin`` model with a class attribute ``role``
+    (``"structural"`` or ``"semantic"``: which voxels it reads and which targets of
+    :mod:`havir.targets` it predicts), a classmethod ``for_targets(n_voxels, sizes, preset,
+    **settings)`` that builds it for a backbone's target sizes and a size preset, and
+    ``predict(voxels) -> {target name: tensor}``.
+    """
+    if getattr(cls, "role", None) not in ("structural", "semantic"):
+        raise TypeError(f"decoder {cls.__name__} must declare role = 'structural' or 'semantic'")
+    DECODERS[cls.__name__] = cls
+    return cls
 
 
 class _ResidualMLP(nn.Module):
@@ -56,6 +76,7 @@ def _stem(n_voxels: int, width: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_voxels, width), nn.LayerNorm(width), nn.SiLU(), ShardDropout(dropout))
 
 
+@register_decoder
 class StructuralGenerator(ModelMixin, ConfigMixin):
     """Structural voxels -> VAE latent.
 
@@ -70,6 +91,7 @@ class StructuralGenerator(ModelMixin, ConfigMixin):
     groups : GroupNorm groups.
     """
 
+    role = "structural"
     #: What :meth:`predict` returns (see :mod:`havir.targets`).
     targets = targets_of("structural")
 
@@ -112,6 +134,12 @@ class StructuralGenerator(ModelMixin, ConfigMixin):
         low = self.to_map(hidden).view(-1, config.map_channels, config.map_size, config.map_size)
         return self.upsample(self.map_norm(low))
 
+    @classmethod
+    def for_targets(cls, n_voxels: int, sizes: TargetSizes, preset: str, **settings) -> StructuralGenerator:
+        """Sized for ``sizes``' VAE latent and the ``preset`` of :data:`PRESETS` (``settings`` override it)."""
+        return cls(n_voxels=n_voxels, latent_channels=sizes.latent_channels, latent_size=sizes.latent_side,
+                   map_size=max(1, sizes.latent_side // 4), **PRESETS[preset]["structural"] | settings)
+
     def predict(self, voxels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"vae_latents": latents}`` of ``voxels`` (batch, n_voxels)."""
         return dict(zip(self.targets, (self(voxels),), strict=True))
@@ -141,6 +169,7 @@ def check_rank(rank: int | str) -> int | str:
     raise InvalidInputError(f"the semantic heads' rank must be a positive integer or \"full\", got {rank!r}")
 
 
+@register_decoder
 class SemanticExtractor(ModelMixin, ConfigMixin):
     """Semantic voxels -> CLIP image tokens and CLIP text tokens.
 
@@ -153,6 +182,7 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
     rank : numbers per token in the token-factorised heads, or ``"full"`` (dense heads).
     """
 
+    role = "semantic"
     #: What :meth:`predict` returns (see :mod:`havir.targets`).
     targets = targets_of("semantic")
 
@@ -180,6 +210,12 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
         """``voxels`` (batch, n_voxels) -> (image tokens (batch, 257, dim), text tokens (batch, 77, dim))."""
         hidden = self.backbone(self.stem(voxels))
         return self.image_head(hidden), self.text_head(hidden)
+
+    @classmethod
+    def for_targets(cls, n_voxels: int, sizes: TargetSizes, preset: str, **settings) -> SemanticExtractor:
+        """Sized for ``sizes``' CLIP tokens and the ``preset`` of :data:`PRESETS` (``settings``, e.g. ``rank``, override it)."""
+        return cls(n_voxels=n_voxels, dim=sizes.dim, image_tokens=sizes.image_tokens, text_tokens=sizes.text_tokens,
+                   **PRESETS[preset]["semantic"] | settings)
 
     def predict(self, voxels: torch.Tensor) -> dict[str, torch.Tensor]:
         """``{"clip_image": image tokens, "clip_text": text tokens}`` of ``voxels`` (batch, n_voxels)."""
