@@ -41,13 +41,12 @@ from havir.metrics.protocols import (
     pixel_images,
     working_images,
 )
+from havir.metrics.records import image_metrics
 from havir.metrics.scores import (
     bootstrap_interval,
     correlation_distance,
     correlation_matrix,
     identification_from_correlations,
-    pixcorr,
-    ssim,
 )
 from havir.nsd.layout import check_subject
 from havir.progress import track
@@ -192,15 +191,17 @@ def score_images(
     def interval(per_image: np.ndarray) -> tuple[float, float]:
         return bootstrap_interval(per_image, resamples=resamples, seed=seed)
 
-    pixel_scores: dict[str, list[np.ndarray]] = {"pixcorr": [], "ssim": []}
+    pixel_metrics = image_metrics()  # PixCorr, SSIM and any other registered ImageMetric
+    pixel_scores: dict[str, list[np.ndarray]] = {metric.name: [] for metric in pixel_metrics}
     for truth, recon in batches():
         truth_px, recon_px = pixel_images(preset, truth, recon, truth_side)
-        pixel_scores["pixcorr"].append(pixcorr(truth_px, recon_px))
-        pixel_scores["ssim"].append(ssim(truth_px, recon_px, variant=preset.ssim_variant))
+        for metric in pixel_metrics:
+            pixel_scores[metric.name].append(np.asarray(metric.score(truth_px, recon_px, preset)))
     results = {}
-    for name, parts in pixel_scores.items():
-        per_image = np.concatenate(parts)
-        results[name] = MetricScore(name, per_image, interval(per_image), "pixels", True, True)
+    for metric in pixel_metrics:
+        per_image = np.concatenate(pixel_scores[metric.name])
+        results[metric.name] = MetricScore(metric.name, per_image, interval(per_image), "pixels", metric.protocol,
+                                           metric.higher_is_better)
     wanted = [metric for metric in metrics if metric.network in networks]
     for network_name in track(list(dict.fromkeys(m.network for m in wanted)), "feature networks", enabled=progress):
         network = networks[network_name]
