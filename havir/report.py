@@ -19,8 +19,9 @@ from markupsafe import Markup
 
 from havir.errors import MissingInputError
 from havir.io import atomic_path
-from havir.metrics.evaluate import PROTOCOL_NAMES, Evaluation, comparison_rows, load_reconstructions
+from havir.artifacts.reconstruction import load_reconstructions
 from havir.metrics.records import metric_record
+from havir.metrics.results import PROTOCOL_NAMES, Evaluation, comparison_rows
 
 #: Column order of the image grid; folders with another mode (or none) follow by name.
 _MODE_ORDER = ("structural", "fused", "semantic")

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from havir.errors import InvalidInputError, MissingInputError
-from havir.metrics.evaluate import PROTOCOL_NAMES, published_rows
 from havir.metrics.records import metric_record
+from havir.metrics.results import PROTOCOL_NAMES, published_rows
 
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
