@@ -28,7 +28,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from havir.devices import describe, matmul_rate, resolve_device, resolve_dtype, timed
-from havir.features import _as_pil, encode_clip_images, encode_clip_texts, encode_vae_latents
+from havir.models.encoding import _as_pil, encode_clip_images, encode_clip_texts, encode_vae_latents
 from havir.io import write_json
 from havir.models.versatile import load_versatile_diffusion
 

@@ -1,8 +1,9 @@
 """The ``havir`` command line: parse options, call the library, print the result.
 
 Each command is a thin wrapper around a function a notebook can call too. User errors raised by
-the library (``ValueError``, ``FileNotFoundError``, ``PermissionError``...) become one line on
-stderr and exit status 2 here, in :func:`main`; ``--debug`` shows the traceback instead.
+the library (:class:`~havir.errors.HavirError` and its subclasses) become one line on stderr and
+exit status 2 here, in :func:`main`; ``--debug`` shows the traceback instead. Any other exception
+is a bug: it keeps its traceback (exit status 1) and asks for a report.
 """
 
 from __future__ import annotations
@@ -49,9 +50,8 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; progress stays on stderr.")]
 
-# What the library raises for bad input: HavirError for the errors it names itself; OSError covers
-# missing, unreadable and unwritable files, MemoryError a batch too large for the GPU.
-_USER_ERRORS = (HavirError, ValueError, TypeError, OSError, MemoryError)
+#: Printed under the traceback of anything that is not a user error.
+BUG_REPORT = "This is a bug in HAVIR, not in your input: please report it with the command and the traceback above."
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
@@ -147,7 +147,7 @@ def masks_show(
     from havir.nsd.layout import NSDLayout, check_subject
 
     if out.suffix.lower() != ".png":
-        raise ValueError(f"--out must name a .png file, got {out}")
+        raise InvalidInputError(f"--out must name a .png file, got {out}")
     check_subject(subject)  # before the output folder is made
     ensure_output_dir(out.parent)
     layout = NSDLayout(nsd_root)
@@ -253,7 +253,7 @@ def _refuse_launch(command: str) -> None:
     from havir.distributed import processes
 
     if processes().num_processes > 1:
-        raise ValueError(f"havir {command} runs in one process: run it without accelerate launch")
+        raise InvalidInputError(f"havir {command} runs in one process: run it without accelerate launch")
 
 
 #: ``havir eval``'s numeric option checked here (the evaluation checks its folders itself).
@@ -438,8 +438,10 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2.
 
     Bad options and usage (typer's, e.g. ``--limit abc``) and the user errors the library
-    raises are each one line ``error: ...`` on stderr and exit status 2. Library log messages and
-    warnings are printed after a successful command, dropped after a user error.
+    raises (:class:`~havir.errors.HavirError`) are each one line ``error: ...`` on stderr and
+    exit status 2. Anything else is a bug: it propagates with its traceback and a note asking for
+    a report (exit status 1). Library log messages and warnings are printed after a successful
+    command or a bug, dropped after a user error.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
@@ -459,12 +461,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except typer.Abort:
         sys.exit(1)
-    except _USER_ERRORS as err:
+    except HavirError as err:
         if debug:
             raise
         stderr_console.print(f"error: {_one_line(err)}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
-    except BaseException:  # a bug (or Ctrl-C): what the libraries said may explain it
+    except Exception as err:  # a bug: what the libraries said may explain it; Python prints the traceback, exit 1
+        _print_lines(held)
+        if hasattr(err, "add_note"):  # Python >= 3.11: printed after the traceback
+            err.add_note(BUG_REPORT)
+        else:
+            _print_lines([BUG_REPORT])
+        raise
+    except BaseException:  # Ctrl-C (or a SystemExit): not a bug
         _print_lines(held)
         raise
     _print_lines(held)

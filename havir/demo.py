@@ -159,7 +159,8 @@ def _demo_measures(data: Path, recons: dict[str, Path]) -> dict[str, dict[str, d
     from havir.demo_world.clip import load_demo_clip
     from havir.demo_world.measures import demo_measures
     from havir.demo_world.probe import load_scene_probe
-    from havir.metrics.evaluate import load_ground_truth, load_reconstructions
+    from havir.artifacts.reconstruction import load_reconstructions
+    from havir.metrics.evaluate import load_ground_truth
 
     nsd_ids, stimuli, _ = load_ground_truth(data, 1)
     probe, clip = load_scene_probe(), load_demo_clip()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
 from havir.distributed import processes
-from havir.errors import InvalidInputError
+from havir.errors import BatchTooLargeError, HavirError, InvalidInputError
 from havir.io import package_versions
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -24,7 +26,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     if launch.num_processes > 1:
         given = launch.device if launch.device.type == "cuda" else torch.device("cpu")
         if name not in ("auto", given.type, str(given)):
-            raise ValueError(f"under accelerate launch this process runs on {given}, not {name}: pass --device auto")
+            raise InvalidInputError(f"under accelerate launch this process runs on {given}, not {name}: pass --device auto")
         return given
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -50,6 +52,26 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in DTYPES:
         raise InvalidInputError(f"--dtype must be auto, {', '.join(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+@contextmanager
+def smaller_batch_on_oom(batch_size: int, setting: str = "--batch-size {}") -> Iterator[None]:
+    """Turn running out of memory inside the block into a :class:`BatchTooLargeError` whose one
+    line names half the batch size.
+
+    Wrap the batched work of every command that takes a batch size (not the loading of models:
+    a smaller batch would not help there). ``setting`` says where the user sets it, with ``{}``
+    for the suggested size: ``"--batch-size {}"``, or ``"batch_size = {} in the --config TOML"``.
+    """
+    try:
+        yield
+    except (torch.cuda.OutOfMemoryError, MemoryError) as err:
+        if isinstance(err, HavirError):  # already advised (a nested block)
+            raise
+        where = "the GPU" if isinstance(err, torch.cuda.OutOfMemoryError) else "the machine"
+        raise BatchTooLargeError(
+            f"{where} ran out of memory at batch size {batch_size}: try {setting.format(max(1, batch_size // 2))}"
+        ) from err
 
 
 def synchronise(device: torch.device) -> None:

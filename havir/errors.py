@@ -27,3 +27,11 @@ class DiskFullError(HavirError, OSError):
 
 class FolderBusyError(HavirError, RuntimeError):
     """Another process is writing the same output folder (its advisory lock is held)."""
+
+
+class BatchTooLargeError(HavirError, MemoryError):
+    """A batch did not fit in the device's memory: the message names a smaller batch size."""
+
+
+class NotWritableError(HavirError, PermissionError):
+    """An output folder cannot be written (permissions, a read-only file system)."""

@@ -21,72 +21,28 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
-import PIL.Image
 import torch
 from accelerate.utils import broadcast_object_list, gather_object
-from diffusers.image_processor import VaeImageProcessor
 
-from havir.devices import resolve_device, resolve_dtype
+from havir.artifacts.features_cache import FEATURES_FORMAT, features_path
+from havir.artifacts.prepared import FORMAT_VERSION as PREPARED_FORMAT
+from havir.artifacts.prepared import prepared_record_path, reading_prepared, require_prepared
+from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
 from havir.io import atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder
-from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion, load_versatile_diffusion
+from havir.models.encoding import encode_clip_images, encode_clip_texts, encode_vae_latents
+from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.layout import check_subject
 from havir.nsd.stimuli import iter_stimuli
-from havir.prepare import FORMAT_VERSION as PREPARED_FORMAT
-from havir.prepare import reading_prepared
 from havir.progress import track
+from havir.targets import TARGET_NAMES, TARGETS, stored_bytes, target_shapes
 from havir.validation import Interval, Rule, check_options, read_json
-
-FEATURES_FORMAT = 1
-
-Images = np.ndarray | Sequence[PIL.Image.Image]
-
-
-def _as_pil(images: Images) -> list[PIL.Image.Image]:
-    if isinstance(images, np.ndarray):
-        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-            raise TypeError(f"images must be uint8 of shape (n, height, width, 3), got {images.dtype} {images.shape}")
-        return [PIL.Image.fromarray(image) for image in images]
-    return [image.convert("RGB") for image in images]
-
-
-@torch.no_grad()
-def encode_vae_latents(vd: VersatileDiffusion, images: Images) -> torch.Tensor:
-    """VAE latents of ``images`` (uint8 (n, h, w, 3) or PIL) resized to ``vd.image_side``:
-    float (n, 4, side / 8, side / 8), i.e. (n, 4, 64, 64) for the released model."""
-    processor = VaeImageProcessor(vae_scale_factor=2 ** (len(vd.vae.config.block_out_channels) - 1))
-    pixels = processor.preprocess(_as_pil(images), height=vd.image_side, width=vd.image_side)  # in [-1, 1]
-    pixels = pixels.to(device=vd.device, dtype=vd.vae.dtype)
-    return vd.vae.encode(pixels).latent_dist.mode() * vd.vae.config.scaling_factor
-
-
-@torch.no_grad()
-def encode_clip_images(vd: VersatileDiffusion, images: Images) -> torch.Tensor:
-    """CLIP image tokens as Versatile Diffusion conditions on them: float (n, 257, D)."""
-    pixels = vd.image_processor(images=_as_pil(images), return_tensors="pt").pixel_values
-    encoder = vd.image_encoder
-    hidden = encoder(pixels.to(device=encoder.device, dtype=encoder.dtype)).last_hidden_state
-    tokens = encoder.visual_projection(encoder.vision_model.post_layernorm(hidden))
-    return tokens / torch.norm(tokens[:, 0:1], dim=-1, keepdim=True)
-
-
-@torch.no_grad()
-def encode_clip_texts(vd: VersatileDiffusion, texts: Sequence[str]) -> torch.Tensor:
-    """CLIP text tokens as Versatile Diffusion conditions on them: float (n, 77, D)."""
-    ids = vd.tokenizer(
-        list(texts), padding="max_length", max_length=TEXT_TOKENS, truncation=True, return_tensors="pt"
-    ).input_ids
-    output = vd.text_encoder(ids.to(vd.text_encoder.device))
-    tokens = vd.text_encoder.text_projection(output.last_hidden_state)
-    return tokens / torch.norm(output.text_embeds.unsqueeze(1), dim=-1, keepdim=True)
-
 
 @dataclass(frozen=True)
 class FeatureSettings:
@@ -101,20 +57,13 @@ class FeatureSettings:
 FEATURES_OPTIONS: dict[str, Rule] = {"batch_size": Interval(int, 1), "seed": Interval(int, 0, 2**32 - 1)}
 
 
-def features_path(data: Path, subject: int) -> Path:
-    return Path(data) / f"subj{subject:02d}_features.h5"
-
-
 def _read_prepared(data: Path, subject: int) -> tuple[np.ndarray, dict[int, list[str]], Path]:
     """All images the subject saw (sorted), their captions, and the NSD stimuli file."""
-    prepared = Path(data) / f"subj{subject:02d}.h5"
-    meta_path = Path(data) / f"subj{subject:02d}.json"
-    if not prepared.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
-    meta = read_json(meta_path, what="prepared subject's record", fix="run `havir prepare` again", keys=("nsd_root",))
+    prepared = require_prepared(data, subject, with_record=True)
+    meta = read_json(prepared_record_path(data, subject), what="prepared subject's record", fix="run `havir prepare` again", keys=("nsd_root",))
     with reading_prepared(prepared) as h5:
         if h5.attrs.get("format_version") != PREPARED_FORMAT:
-            raise ValueError(
+            raise InvalidInputError(
                 f"{prepared} was written by another HAVIR version (format {h5.attrs.get('format_version')}, "
                 f"this one reads {PREPARED_FORMAT}): run `havir prepare` again"
             )
@@ -177,17 +126,11 @@ def compute_features(
     if final.is_file() and _cached(final, settings, nsd_ids):
         return _summary(subject, nsd_ids, len(nsd_ids), settings, torch_device, final, started)
     vd = load_versatile_diffusion(model, device=torch_device, dtype=torch_dtype, seed=seed)
-    latent_side = vd.image_side // 2 ** (len(vd.vae.config.block_out_channels) - 1)
-    latent_shape = (vd.vae.config.latent_channels, latent_side, latent_side)
-    dim = vd.embedding_dim
-    n_image_tokens = (vd.image_encoder.config.image_size // vd.image_encoder.config.patch_size) ** 2 + 1
-
     launch = processes()
-    row_bytes = 2 * (int(np.prod(latent_shape)) + (n_image_tokens + TEXT_TOKENS) * dim)  # float16
+    row_bytes = stored_bytes(vd.target_sizes)
     with output_folder(Path(data), lock=launch.is_main_process, scope=f"subj{subject:02d}"):
         try:
-            resumed = _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size,
-                                   latent_shape, n_image_tokens, row_bytes, progress)
+            resumed = _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size, row_bytes, progress)
         except Exception as err:
             if is_disk_full(err):  # nothing to resume on a full disk: leave no partial file
                 partial.unlink(missing_ok=True)
@@ -219,7 +162,7 @@ def _resumable(partial: Path, settings: FeatureSettings, nsd_ids: np.ndarray) ->
             if h5.attrs.get("settings") != json.dumps(settings.__dict__) or not np.array_equal(h5["nsd_id"][()], nsd_ids):
                 return False
             done = np.flatnonzero(h5["done"][()])
-            for name in ("vae_latents", "clip_image", "clip_text"):
+            for name in TARGET_NAMES:
                 for start in range(0, len(done), 64):
                     h5[name][done[start : start + 64].tolist()]
         return True
@@ -227,14 +170,12 @@ def _resumable(partial: Path, settings: FeatureSettings, nsd_ids: np.ndarray) ->
         return False
 
 
-def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size, latent_shape,
-                 n_image_tokens, row_bytes, progress) -> int:
+def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size, row_bytes, progress) -> int:
     """Encode every image not yet done into ``partial``; returns how many were already done.
 
     The main process alone opens (and writes) the file; the others send it their batches.
     """
     launch = processes()
-    dim = vd.embedding_dim
     todo = None
     if launch.is_main_process:
         if not _resumable(partial, settings, nsd_ids):
@@ -246,9 +187,8 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
                 h5.attrs.update(settings=json.dumps(settings.__dict__), format_version=FEATURES_FORMAT, subject=subject)
                 h5["nsd_id"] = nsd_ids
                 # Checksummed chunks: a chunk damaged by a kill fails its read instead of returning garbage.
-                for name, shape in (("vae_latents", latent_shape), ("clip_image", (n_image_tokens, dim)),
-                                    ("clip_text", (TEXT_TOKENS, dim))):
-                    h5.create_dataset(name, (len(nsd_ids), *shape), np.float16, chunks=(1, *shape), fletcher32=True)
+                for name, shape in target_shapes(vd.target_sizes).items():
+                    h5.create_dataset(name, (len(nsd_ids), *shape), TARGETS[name].stored_dtype, chunks=(1, *shape), fletcher32=True)
                 h5.create_dataset("done", (len(nsd_ids),), bool, fillvalue=False)
             todo = nsd_ids[~h5["done"][()]]
         todo = broadcast_object_list([todo])[0]
@@ -277,15 +217,11 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
 
 def _encode_batch(vd: VersatileDiffusion, ids: np.ndarray, images: np.ndarray, captions: dict[int, list[str]], batch_size: int):
     """(ids, VAE latents, CLIP image tokens, caption-averaged CLIP text tokens) of one batch, float16 arrays."""
-    try:
+    with smaller_batch_on_oom(batch_size):
         latents = encode_vae_latents(vd, images)
         image_tokens = encode_clip_images(vd, images)
         texts = [text for image in ids.tolist() for text in captions[image]]
         text_tokens = encode_clip_texts(vd, texts)
-    except torch.cuda.OutOfMemoryError as err:
-        raise MemoryError(
-            f"the GPU ran out of memory at batch size {batch_size}: try --batch-size {max(1, batch_size // 2)}"
-        ) from err
     counts = torch.tensor([len(captions[image]) for image in ids.tolist()], device=text_tokens.device)
     owner = torch.repeat_interleave(torch.arange(len(ids), device=text_tokens.device), counts)
     text_mean = torch.zeros(len(ids), *text_tokens.shape[1:], device=text_tokens.device, dtype=torch.float32)
@@ -296,7 +232,7 @@ def _encode_batch(vd: VersatileDiffusion, ids: np.ndarray, images: np.ndarray, c
 
 def _summary(subject, nsd_ids, resumed, settings, device, path, started) -> dict:
     with h5py.File(path, "r") as h5:
-        shapes = {name: list(h5[name].shape[1:]) for name in ("vae_latents", "clip_image", "clip_text")}
+        shapes = {name: list(h5[name].shape[1:]) for name in TARGET_NAMES}
     return {
         "subject": subject,
         "images": int(len(nsd_ids)),

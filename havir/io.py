@@ -37,7 +37,7 @@ from typing import Any
 
 from rich.filesize import decimal
 
-from havir.errors import DiskFullError, FolderBusyError
+from havir.errors import DiskFullError, FolderBusyError, NotWritableError
 
 #: Prefix of a temporary output (file or folder): ``.partial-<pid>-<final name>``.
 TEMPORARY_PREFIX = ".partial-"
@@ -61,7 +61,7 @@ def ensure_output_dir(path: Path) -> Path:
     except OSError as err:
         if is_disk_full(err):
             raise disk_full(path) from err
-        raise PermissionError(
+        raise NotWritableError(
             f"output folder {path} is not writable ({err.strerror or err}): choose another --out"
         ) from err
     return path

@@ -22,6 +22,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, write_json
 from havir.nsd.atlas import Atlas, read_atlas
 from havir.nsd.layout import ATLASES, SUBJECTS, NSDLayout, check_subject
@@ -85,39 +86,39 @@ class MaskDefinition:
 
 def _selection(entry: object, where: str) -> RoiSelection:
     if not isinstance(entry, dict) or set(entry) != {"atlas", "labels"}:
-        raise ValueError(f"{where} must be a table with exactly the keys 'atlas' and 'labels', got {entry!r}")
+        raise InvalidInputError(f"{where} must be a table with exactly the keys 'atlas' and 'labels', got {entry!r}")
     atlas, labels = entry["atlas"], entry["labels"]
     if atlas not in ATLASES:
-        raise ValueError(f"{where}: unknown atlas {atlas!r}; NSD atlases are {', '.join(ATLASES)}")
+        raise InvalidInputError(f"{where}: unknown atlas {atlas!r}; NSD atlases are {', '.join(ATLASES)}")
     if isinstance(labels, str) or not labels or not all(isinstance(label, str) for label in labels):
-        raise ValueError(f"{where}: labels must be a non-empty list of label names, got {labels!r}")
+        raise InvalidInputError(f"{where}: labels must be a non-empty list of label names, got {labels!r}")
     return RoiSelection(atlas=atlas, labels=tuple(labels))
 
 
 def _read_toml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """Read ``path`` with its ``extends`` chain applied; ``chain`` holds the files that extend it."""
     if not path.is_file():
-        raise FileNotFoundError(f"mask definition not found: {path}")
+        raise MissingInputError(f"mask definition not found: {path}")
     try:
         data = tomllib.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
-        raise ValueError(f"mask definition {path} is not valid TOML ({err}): fix the file") from err
+        raise InvalidInputError(f"mask definition {path} is not valid TOML ({err}): fix the file") from err
     unknown = set(data) - _KEYS
     if unknown:
-        raise ValueError(
+        raise InvalidInputError(
             f"mask definition {path} has unknown keys {', '.join(sorted(unknown))}; "
             f"allowed: {', '.join(sorted(_KEYS))}"
         )
     if "extends" in data:
         if not isinstance(data["extends"], str):
-            raise ValueError(f"mask definition {path}: extends must be a file name, got {data['extends']!r}")
+            raise InvalidInputError(f"mask definition {path}: extends must be a file name, got {data['extends']!r}")
         parent_path = path.parent / data["extends"]
         if not parent_path.is_file():
-            raise FileNotFoundError(f"mask definition {path} extends {parent_path}, which is not a file: fix its extends")
+            raise MissingInputError(f"mask definition {path} extends {parent_path}, which is not a file: fix its extends")
         chain = (*chain, path.resolve())
         if parent_path.resolve() in chain:
             cycle = " -> ".join(p.name for p in (*chain, parent_path.resolve()))
-            raise ValueError(f"mask definition {path} extends itself through {cycle}: remove one of these extends")
+            raise InvalidInputError(f"mask definition {path} extends itself through {cycle}: remove one of these extends")
         parent = _read_toml(parent_path, chain)
         parent.pop("subject", None)
         parent.pop("description", None)
@@ -132,19 +133,19 @@ def load_definition(path: Path) -> MaskDefinition:
     data = _read_toml(path)
     for key in ("within", "structural", "semantic"):
         if key not in data:
-            raise ValueError(f"mask definition {path} lacks [{key}] (nor does a file it extends give one)")
+            raise InvalidInputError(f"mask definition {path} lacks [{key}] (nor does a file it extends give one)")
     overlap = data.get("overlap", "structural")
     if overlap not in _OVERLAP_RULES:
-        raise ValueError(f"mask definition {path}: overlap must be one of {_OVERLAP_RULES}, got {overlap!r}")
+        raise InvalidInputError(f"mask definition {path}: overlap must be one of {_OVERLAP_RULES}, got {overlap!r}")
     sets = {}
     for key in ("structural", "semantic"):
         entries = data[key]
         if not isinstance(entries, list) or not entries:
-            raise ValueError(f"mask definition {path}: [[{key}]] must list at least one atlas selection")
+            raise InvalidInputError(f"mask definition {path}: [[{key}]] must list at least one atlas selection")
         sets[key] = tuple(_selection(e, f"{path.name} [[{key}]]") for e in entries)
     subject = data.get("subject")
     if subject is not None and (isinstance(subject, bool) or subject not in SUBJECTS):
-        raise ValueError(f"mask definition {path}: subject must be one of 1..8, got {subject!r}: fix or remove it")
+        raise InvalidInputError(f"mask definition {path}: subject must be one of 1..8, got {subject!r}: fix or remove it")
     return MaskDefinition(
         name=path.stem,
         subject=subject,
@@ -165,7 +166,7 @@ def definition_for(subject: int, path: Path | None = None) -> MaskDefinition:
             path = definitions_dir() / "default.toml"
     definition = load_definition(path)
     if definition.subject is not None and definition.subject != subject:
-        raise ValueError(
+        raise InvalidInputError(
             f"mask definition {path} is written for subject {definition.subject}, not subject {subject}: "
             f"use subj{subject:02d}.toml or a definition without 'subject'"
         )
@@ -242,7 +243,7 @@ def build_masks(layout: NSDLayout, subject: int, definition: MaskDefinition) -> 
     reference = atlases[definition.within.atlas]
     for atlas in atlases.values():
         if atlas.labels.shape != reference.labels.shape:
-            raise ValueError(
+            raise InvalidInputError(
                 f"ROI grid {atlas.labels.shape} of {atlas.name} does not match the grid "
                 f"{reference.labels.shape} of {reference.name} for subj{subject:02d}: are all atlases "
                 "from func1pt8mm of this subject?"
@@ -258,7 +259,7 @@ def build_masks(layout: NSDLayout, subject: int, definition: MaskDefinition) -> 
         structural &= ~both
     for name, mask in (("structural", structural), ("semantic", semantic)):
         if not mask.any():
-            raise ValueError(
+            raise InvalidInputError(
                 f"the {name} set of mask definition {definition.name} selects no voxels of subj{subject:02d} "
                 f"inside {definition.within.atlas}: check its labels ({counts[name]})"
             )

@@ -45,14 +45,23 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
 import havir
-from havir.errors import InvalidInputError
+from havir.artifacts.prepared import (  # noqa: F401 (the prepared file's names, also read here by their old path)
+    FORMAT_VERSION,
+    NORMALISATIONS,
+    PreparedSubject,
+    load_split,
+    prepared_normalisation,
+    prepared_path,
+    prepared_record_path,
+    reading_prepared,
+)
+from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, check_free_space, flush_h5, open_h5, output_folder, package_versions
 from havir.masks import build_masks, definition_for
 from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
@@ -60,78 +69,11 @@ from havir.nsd.design import load_design, subject_trials
 from havir.nsd.layout import NSDLayout, check_subject
 from havir.nsd.stimuli import iter_stimuli, read_captions, read_stim_info, stimulus_side
 from havir.progress import track
-from havir.validation import Interval, OneOf, Rule, check_options, reading_hdf5
+from havir.validation import Interval, OneOf, Rule, check_options
 
-#: Version of the prepared-file layout; later stages refuse files of another version.
-FORMAT_VERSION = 2
 _SETS = ("structural", "semantic", "other")
 _ROWS_PER_BLOCK = 512  # rows z-scored per block in the second pass
-
-#: What each ``normalisation`` does, as recorded in ``subjXX.json``'s ``protocol.normalisation``.
-NORMALISATIONS = {
-    "training": "per-voxel z-score with mean and std (ddof=0) of the training trials only, all sessions pooled",
-    "session": "per-voxel z-score of each session's trials with the mean and std (ddof=0) of that session's "
-    "training trials only (test trials never enter the statistics)",
-}
 _CONSTANT_RULE = "a voxel with std 0 over those trials gets std 1: its training values become 0"
-
-
-@dataclass(frozen=True)
-class PreparedSubject:
-    """One split of a prepared subject, loaded into memory.
-
-    Attributes
-    ----------
-    structural : float32 array (n_trials, n_structural_voxels), z-scored betas.
-    semantic : float32 array (n_trials, n_semantic_voxels), z-scored betas.
-    other : float32 array (n_trials, n_other_voxels), z-scored betas of the ``within``
-        (``nsdgeneral``) voxels in neither set.
-    nsd_id : int64 array (n_trials,), 0-based image id of each trial.
-    repetition : int8 array (n_trials,), which showing (0, 1, 2) of the image.
-    session : int16 array (n_trials,), 1-based session.
-    """
-
-    structural: np.ndarray
-    semantic: np.ndarray
-    other: np.ndarray
-    nsd_id: np.ndarray
-    repetition: np.ndarray
-    session: np.ndarray
-
-
-def reading_prepared(path: Path):
-    """Open a prepared file for reading: damage or a missing dataset is one line naming it."""
-    return reading_hdf5(path, what="prepared file", fix="delete it and run `havir prepare` again")
-
-
-def prepared_normalisation(path: Path) -> str:
-    """Which normalisation (a key of :data:`NORMALISATIONS`) a prepared file's betas went
-    through, for the records of the results made from it. Files written before the choice
-    existed hold no ``method`` attribute and were all z-scored with ``"training"``."""
-    with reading_prepared(path) as h5:
-        return str(h5["normalisation"].attrs.get("method", "training"))
-
-
-def load_split(path: Path, split: str) -> PreparedSubject:
-    """Load the ``"train"`` or ``"test"`` trials of a prepared file."""
-    with reading_prepared(path) as h5:
-        version = h5.attrs.get("format_version")
-        if version != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} is a prepared file of format {version}, this HAVIR reads format {FORMAT_VERSION}: "
-                "run havir prepare again"
-            )
-        group = h5[split]
-        loaded = PreparedSubject(**{name: group[name][()] for name in PreparedSubject.__dataclass_fields__})
-    rows = len(loaded.nsd_id)
-    for name in ("structural", "semantic"):
-        values = getattr(loaded, name)
-        if values.ndim != 2 or values.shape[0] != rows or values.dtype.kind != "f":
-            raise InvalidInputError(
-                f"prepared file {path}: {split}/{name} is {values.dtype} {values.shape}, expected float ({rows}, voxels) "
-                "for its trials: delete it and run `havir prepare` again"
-            )
-    return loaded
 
 
 def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_format: str) -> list[BetasFile]:
@@ -142,12 +84,12 @@ def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_f
         contiguous += 1
     wanted = contiguous if sessions is None else sessions
     if sessions is not None and (sessions < 1 or sessions > contiguous):
-        raise ValueError(
+        raise InvalidInputError(
             f"--sessions {sessions} asks for more sessions than subj{subject:02d} has: sessions 1..{contiguous} "
             f"are on disk in {layout.betas_dir(subject)} ({available} files in all); pass --sessions 1..{contiguous}"
         )
     if contiguous == 0:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"subj{subject:02d} has no betas_session01 in {layout.betas_dir(subject)}: sessions must start at 01"
         )
     files = []
@@ -158,7 +100,7 @@ def _choose_files(layout: NSDLayout, subject: int, sessions: int | None, betas_f
         elif betas_format in formats:
             fmt = betas_format
         else:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no {betas_format} betas for session {session:02d} of subj{subject:02d} in "
                 f"{layout.betas_dir(subject)}: use --betas-format auto"
             )
@@ -386,7 +328,7 @@ def prepare_subject(
     masks = build_masks(layout, subject, mask_definition)
     for betas in files:
         if betas.grid != masks.grid:
-            raise ValueError(
+            raise InvalidInputError(
                 f"ROI grid {masks.grid} does not match betas grid {betas.grid} of {betas.path.name} for "
                 f"subj{subject:02d}: were the ROIs taken from another subject or resolution (func1pt8mm expected)?"
             )
@@ -408,7 +350,7 @@ def prepare_subject(
     test_ids = np.unique(trials.nsd_id[trials.is_test])
     fingerprint = _fingerprint(subject, files, mask_definition.sha256(), captions_dir or layout.annotations_dir)
     with output_folder(Path(out), scope=stem) as out:  # subjects may be prepared side by side
-        h5_path, record_path = out / f"{stem}.h5", out / f"{stem}.json"
+        h5_path, record_path = prepared_path(out, subject), prepared_record_path(out, subject)
         # Sessions stream into a raw file that survives an interruption: run the same command
         # again and it continues after the last finished session.
         partial = out / f".{stem}.h5.partial"

@@ -49,14 +49,18 @@ from diffusers.image_processor import VaeImageProcessor
 from safetensors import SafetensorError
 
 import havir
-from havir.devices import resolve_device, resolve_dtype
+from havir.artifacts.dataset import load_test_data, ridge_voxels
+from havir.artifacts.features_cache import features_path, features_settings
+from havir.artifacts.run import load_decoders, read_finished_run
+from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
-from havir.features import encode_clip_images, encode_clip_texts, features_path
 from havir.io import atomic_path, output_folder, write_json
 from havir.models.compat import set_text_share
+from havir.models.encoding import encode_clip_images, encode_clip_texts
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
-from havir.validation import Interval, OneOf, Rule, check_options, check_values, option_name, read_json, reading_hdf5
+from havir.targets import TARGET_NAMES
+from havir.validation import Interval, OneOf, Rule, check_options, check_values, option_name
 
 MODES = ("fused", "structural", "semantic")
 #: Written first into a reconstruction folder: what its PNGs are made with (checked on resume).
@@ -230,7 +234,7 @@ def reconstruct_batch(
 ) -> np.ndarray:
     """Images (n, side, side, 3) uint8 for one batch of predictions, in ``mode``."""
     if mode not in MODES:
-        raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
+        raise InvalidInputError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode == "structural":
         return decode(vd, latents)
     noise = image_noise(nsd_ids, tuple(latents.shape[1:]), settings.seed)
@@ -304,11 +308,12 @@ def reconstruct(
         todo = [rows for rows in batches if missing.intersection(rows)]
         try:
             for rows in todo[launch.process_index :: launch.num_processes]:
-                images = reconstruct_batch(
-                    vd, mode, settings, nsd_ids[rows],
-                    *(torch.as_tensor(predictions[name][rows]) for name in ("vae_latents", "clip_image", "clip_text")),
-                    unconditional,
-                )
+                with smaller_batch_on_oom(batch_size):
+                    images = reconstruct_batch(
+                        vd, mode, settings, nsd_ids[rows],
+                        *(torch.as_tensor(predictions[name][rows]) for name in TARGET_NAMES),
+                        unconditional,
+                    )
                 kept = [k for k, row in enumerate(rows) if row in missing]
                 write_images(out, nsd_ids[rows][kept], images[kept])
         except BaseException:
@@ -348,19 +353,12 @@ def _check_made_with(out: Path, made_with: dict) -> None:
 def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[str, torch.Tensor], dict]:
     """Predictions of a trained run for its subject's test images (repetition averages).
 
-    Returns (nsd_ids (n,), {"vae_latents", "clip_image", "clip_text"} tensors, the run's record).
+    Returns (nsd_ids (n,), {target name: tensor} for every target of :mod:`havir.targets`, the run's record).
     """
-    from havir.models.decoders import SemanticExtractor, StructuralGenerator
     from havir.models.ridge import RidgeDecoder
-    from havir.train import load_decoder, load_test_data, ridge_voxels
 
-    record_path = Path(run) / "summary.json"
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{run} holds no finished training run (no summary.json): run `havir train` first")
     fix = "run `havir train` again into a new --out"
-    record = read_json(record_path, what="training summary", fix=fix) | read_json(
-        Path(run) / "run.json", what="run record", fix=fix, keys=("subject", "model", "data")
-    )
+    record = read_finished_run(run)
     test = load_test_data(Path(record["data"]), record["subject"])
     with torch.no_grad():
         if record["model"] == "ridge":
@@ -373,27 +371,12 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
             predicted = ridge.predict(ridge_voxels(test, record.get("ridge", {}).get("inputs", "sets")))
             predictions = {name: torch.as_tensor(value) for name, value in predicted.items()}
         else:
-            structural = load_decoder(StructuralGenerator, Path(run) / "structural").to(device)
-            semantic = load_decoder(SemanticExtractor, Path(run) / "semantic").to(device)
-            image_tokens, text_tokens = semantic(torch.as_tensor(test.semantic, device=device))
-            predictions = {
-                "vae_latents": structural(torch.as_tensor(test.structural, device=device)).float().cpu(),
-                "clip_image": image_tokens.float().cpu(),
-                "clip_text": text_tokens.float().cpu(),
-            }
+            decoders = load_decoders(run, device)
+            predicted = {}
+            for role, decoder in decoders.items():  # each reads its own voxels (see havir.targets)
+                predicted |= decoder.predict(torch.as_tensor(getattr(test, role), device=device))
+            predictions = {name: value.float().cpu() for name, value in predicted.items()}
     return test.nsd_id, predictions, record
-
-
-def _features_settings(cache: Path) -> dict:
-    """What a features cache was computed with: ``{"model", "dtype", "seed"}``."""
-    fix = "run `havir features` again"
-    with reading_hdf5(cache, what="features cache", fix=fix) as h5:
-        settings = h5.attrs["settings"]
-    try:
-        settings = json.loads(settings)
-        return {key: settings[key] for key in ("model", "seed")}
-    except (ValueError, KeyError, TypeError) as err:
-        raise InvalidInputError(f"features cache {cache} has no valid settings record ({err}): {fix}") from err
 
 
 def reconstruct_run(
@@ -415,7 +398,7 @@ def reconstruct_run(
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     nsd_ids, predictions, record = predict_test_set(run, torch_device)
-    features = _features_settings(features_path(Path(record["data"]), record["subject"]))
+    features = features_settings(features_path(Path(record["data"]), record["subject"]))
     vd = load_versatile_diffusion(features["model"], device=torch_device, dtype=torch_dtype, seed=features["seed"])
     return reconstruct(
         vd, predictions, nsd_ids, Path(out), mode=mode, settings=settings, batch_size=batch_size, limit=limit,

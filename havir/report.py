@@ -19,15 +19,12 @@ from markupsafe import Markup
 
 from havir.errors import MissingInputError
 from havir.io import atomic_path
-from havir.metrics.evaluate import PROTOCOL_NAMES, Evaluation, comparison_rows, load_reconstructions
+from havir.artifacts.reconstruction import load_reconstructions
+from havir.metrics.records import metric_record
+from havir.metrics.results import PROTOCOL_NAMES, Evaluation, comparison_rows
 
 #: Column order of the image grid; folders with another mode (or none) follow by name.
 _MODE_ORDER = ("structural", "fused", "semantic")
-_TITLES = {
-    "pixcorr": "PixCorr", "ssim": "SSIM", "alexnet2": "AlexNet(2)", "alexnet5": "AlexNet(5)",
-    "inception": "Inception", "clip": "CLIP", "effnet": "EffNet-B", "swav": "SwAV",
-    "lite0_identification": "Lite0 ident. (stand-in)",
-}
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -87,7 +84,7 @@ def bar_chart(evaluation: Evaluation) -> bytes:
     low = [evaluation.scores[n].mean - evaluation.scores[n].interval[0] for n in names]
     high = [evaluation.scores[n].interval[1] - evaluation.scores[n].mean for n in names]
     colours = ["#4c72b0" if evaluation.scores[n].protocol else "#c44e52" for n in names]
-    labels = [_TITLES.get(n, n) + ("" if evaluation.scores[n].higher_is_better else "\n(lower better)") for n in names]
+    labels = [metric_record(n).title + ("" if evaluation.scores[n].higher_is_better else "\n(lower better)") for n in names]
     figure, axes = plt.subplots(figsize=(max(5, 1.1 * len(names)), 3.6), dpi=110)
     axes.bar(range(len(names)), means, yerr=[low, high], color=colours, capsize=3)
     axes.set_xticks(range(len(names)), labels, fontsize=8)
@@ -102,8 +99,7 @@ def bar_chart(evaluation: Evaluation) -> bytes:
 
 
 def _format(name: str, value: float) -> str:
-    percent = name not in ("pixcorr", "ssim", "effnet", "swav")
-    return f"{100 * value:.1f}%" if percent else f"{value:.3f}"
+    return metric_record(name).format(value)
 
 
 # Every value is escaped by Jinja2's autoescape (strings from the prepared data, folder names,
@@ -163,7 +159,7 @@ def write_report(
         temporary.write_bytes(chart)
 
     metric_rows = [
-        [_TITLES.get(name, name), _format(name, score.mean),
+        [metric_record(name).title, _format(name, score.mean),
          f"[{_format(name, score.interval[0])}, {_format(name, score.interval[1])}]",
          "higher" if score.higher_is_better else "lower", score.network]
         for name, score in evaluation.scores.items()
@@ -189,7 +185,8 @@ def write_report(
     table = environment.from_string(_COMPARISON)
 
     def comparison_table(rows, last):
-        return Markup(table.render(rows=rows, names=PROTOCOL_NAMES, titles=_TITLES, last=last, fmt=_format))
+        titles = {name: metric_record(name).title for name in PROTOCOL_NAMES}
+        return Markup(table.render(rows=rows, names=PROTOCOL_NAMES, titles=titles, last=last, fmt=_format))
 
     page = environment.from_string(_PAGE).render(
         title=title, style=Markup(_STYLE), data=evaluation.protocol.get("data", {}), n=len(evaluation.nsd_ids),

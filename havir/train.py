@@ -37,30 +37,40 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, reduce
-from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors import SafetensorError
-from safetensors.torch import load, load_file, save_file
+from safetensors.torch import load_file, save_file
 
-from havir.devices import resolve_device
+from havir.artifacts.dataset import (  # noqa: F401 (Split, load_test_data and ridge_voxels: also read here by their old path)
+    RECOMPUTE,
+    REPREPARE,
+    Split,
+    averaged,
+    averaged_split,
+    check_covered,
+    check_finite,
+    checked_inputs,
+    load_test_data,
+    ridge_voxels,
+)
+from havir.artifacts.features_cache import features_path, features_settings, reading_features
+from havir.artifacts.prepared import load_split, prepared_normalisation, prepared_path
+from havir.artifacts.run import load_decoders, save_decoder
+from havir.devices import resolve_device, smaller_batch_on_oom
 from havir.distributed import Shard, batch_shard, processes
 from havir.errors import InvalidInputError, MissingInputError
-from havir.features import FEATURES_FORMAT, features_path
 from havir.io import atomic_path, output_folder, write_json
 from havir.losses import info_nce, semantic_loss, structural_loss
 from havir.metrics.scores import row_correlations, two_way_identification
-from havir.models.decoders import PRESETS, SemanticExtractor, StructuralGenerator
+from havir.models.decoders import DECODERS, PRESETS, SemanticExtractor, StructuralGenerator
 from havir.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
-from havir.nsd.layout import check_subject
-from havir.prepare import load_split, prepared_normalisation
 from havir.progress import track
-from havir.validation import AnyOf, Interval, ListOf, OneOf, Rule, check_options, check_values, read_json, reading_hdf5
+from havir.targets import TARGET_NAMES, TargetSizes
+from havir.validation import AnyOf, Interval, KeyOf, ListOf, OneOf, Rule, check_options, check_values, read_json
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
 
-TARGETS = ("vae_latents", "clip_image", "clip_text")
 #: The ridge baseline's settings. ``search``: HAVIR's two voxel sets, the fit rows of the run
 #: (trials or averages, ``use_trials``), each strength chosen from ``ridge_alphas`` on a split of
 #: the training images. ``brain-diffuser``: its scripts/*_regression.py -- every nsdgeneral voxel,
@@ -74,8 +84,6 @@ RIDGE_PRESETS = {
         "standardise_inputs": True, "rescale": True,
     },
 }
-_REPREPARE = "run `havir prepare` again (check the betas for NaN)"
-_RECOMPUTE = "run `havir features` again (with --dtype fp32 if fp16 overflowed)"
 
 
 @dataclass
@@ -84,6 +92,8 @@ class TrainConfig:
     against :attr:`CONSTRAINTS`, so a bad value is refused before any data is read or written."""
 
     preset: str = "paper"  # decoder sizes: "paper" or "tiny"
+    structural_decoder: str = "StructuralGenerator"  # decoder architectures: registered classes (havir.models.decoders.DECODERS)
+    semantic_decoder: str = "SemanticExtractor"
     semantic_rank: int | str = "preset"  # rank of the semantic token heads: "preset" (its own), "full" or a positive integer
     epochs: int = 40
     batch_size: int = 64
@@ -102,6 +112,8 @@ class TrainConfig:
 
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
         "preset": OneOf(*PRESETS),
+        "structural_decoder": KeyOf(DECODERS),
+        "semantic_decoder": KeyOf(DECODERS),
         "semantic_rank": AnyOf(OneOf("preset", "full"), Interval(int, 1)),
         "ridge_preset": OneOf(*RIDGE_PRESETS),
         "epochs": Interval(int, 1),
@@ -121,6 +133,13 @@ class TrainConfig:
 
     def __post_init__(self):
         check_values(dataclasses.asdict(self), self.CONSTRAINTS, fix="fix it in the training config (--config)")
+        for role in ("structural", "semantic"):
+            name = getattr(self, f"{role}_decoder")
+            if DECODERS[name].role != role:
+                raise InvalidInputError(
+                    f"{role}_decoder = {name!r} is a {DECODERS[name].role} decoder: choose a {role} one "
+                    f"({', '.join(n for n, c in DECODERS.items() if c.role == role)}) in the training config (--config)"
+                )
 
     @classmethod
     def from_toml(cls, path: Path) -> TrainConfig:
@@ -148,27 +167,6 @@ class TrainConfig:
 
 
 @dataclass
-class Split:
-    """Inputs and targets of one part of the data (rows are samples).
-
-    structural, semantic : float32 (n, voxels); vae_latents (n, 4, s, s), clip_image (n, 257, D),
-    clip_text (n, 77, D) float32; nsd_id (n,); other : float32 (n, voxels), the nsdgeneral voxels
-    in neither set (only the ridge baseline reads them).
-    """
-
-    structural: np.ndarray
-    semantic: np.ndarray
-    vae_latents: np.ndarray
-    clip_image: np.ndarray
-    clip_text: np.ndarray
-    nsd_id: np.ndarray
-    other: np.ndarray | None = None
-
-    def targets(self) -> dict[str, np.ndarray]:
-        return {name: getattr(self, name) for name in TARGETS}
-
-
-@dataclass
 class TrainingData:
     """The three parts a run uses: ``fit`` (trials or averages), ``val`` and ``test`` (averages)."""
 
@@ -177,92 +175,16 @@ class TrainingData:
     test: Split
 
 
-def _averaged(betas: np.ndarray, nsd_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    images, inverse = np.unique(nsd_id, return_inverse=True)
-    sums = np.zeros((len(images), betas.shape[1]), dtype=np.float64)
-    np.add.at(sums, inverse, betas)
-    return (sums / np.bincount(inverse)[:, None]).astype(np.float32), images
-
-
-def _inputs(data: Path, subject: int) -> tuple[Path, Path, np.ndarray]:
-    """The subject's prepared file, its features cache and the cache's image ids, checked."""
-    check_subject(subject)
-    prepared = Path(data) / f"subj{subject:02d}.h5"
-    if not prepared.is_file():
-        raise FileNotFoundError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
-    cache = features_path(data, subject)
-    if not cache.is_file():
-        raise FileNotFoundError(f"no features for subj{subject:02d} in {data}: run `havir features` first")
-    with _reading_features(cache) as h5:
-        if h5.attrs.get("subject") != subject or h5.attrs.get("format_version") != FEATURES_FORMAT:
-            raise ValueError(
-                f"{cache} holds features of subject {h5.attrs.get('subject')} (format {h5.attrs.get('format_version')}), "
-                f"not of subj{subject:02d} in format {FEATURES_FORMAT}: run `havir features` again"
-            )
-        nsd_id = h5["nsd_id"][()]
-        for name in TARGETS:
-            if h5[name].ndim < 3 or h5[name].shape[0] != len(nsd_id) or h5[name].dtype.kind != "f":
-                raise InvalidInputError(
-                    f"features cache {cache}: {name} is {h5[name].dtype} {h5[name].shape}, expected float rows for its "
-                    f"{len(nsd_id)} images: delete it and run `havir features` again"
-                )
-        return prepared, cache, nsd_id
-
-
-def _reading_features(cache: Path):
-    """Open a features cache; damage or a missing dataset is one line naming it and the fix."""
-    return reading_hdf5(cache, what="features cache", fix="delete it and run `havir features` again")
-
-
-def _check_finite(path: Path, arrays: dict[str, np.ndarray], fix: str) -> None:
-    """Refuse NaN or infinite inputs before training: they would surface epochs later as a
-    non-finite loss, which looks like a learning rate too high."""
-    for name, values in arrays.items():
-        finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
-        if not finite.all():
-            raise InvalidInputError(
-                f"{path} holds NaN or infinite values in {name} ({int((~finite).sum())} of {len(values)} rows): {fix}"
-            )
-
-
-def _check_covered(cache: Path, feature_ids: np.ndarray, nsd_ids: np.ndarray) -> None:
-    missing = np.setdiff1d(nsd_ids, feature_ids)
-    if missing.size:
-        raise ValueError(f"{cache} lacks features of {missing.size} images of the prepared data: run `havir features` again")
-
-
-def _averaged_split(structural, semantic, nsd_id, features: dict[str, np.ndarray], feature_ids, other=None) -> Split:
-    """Repetition averages of each image, with its targets (``features`` rows by ``feature_ids``)."""
-    averaged_structural, ids = _averaged(structural, nsd_id)
-    rows = np.searchsorted(feature_ids, ids)
-    return Split(averaged_structural, _averaged(semantic, nsd_id)[0], *(features[name][rows] for name in TARGETS), ids,
-                 other=None if other is None else _averaged(other, nsd_id)[0])
-
-
-def load_test_data(data: Path, subject: int) -> Split:
-    """The test images of a subject (repetition averages) with their targets, reading only their rows."""
-    prepared, cache, feature_ids = _inputs(data, subject)
-    test = load_split(prepared, "test")
-    _check_covered(cache, feature_ids, test.nsd_id)
-    ids = np.unique(test.nsd_id)
-    with _reading_features(cache) as h5:
-        rows = np.searchsorted(feature_ids, ids).tolist()  # ascending, as h5py's fancy reads require
-        features = {name: h5[name][rows].astype(np.float32) for name in TARGETS}
-    _check_finite(prepared, {f"test/{name}": getattr(test, name) for name in ("structural", "semantic", "other")}, _REPREPARE)
-    _check_finite(cache, features, _RECOMPUTE)
-    return _averaged_split(test.structural, test.semantic, test.nsd_id, features, ids, test.other)
-
-
 def load_training_data(data: Path, subject: int, config: TrainConfig) -> TrainingData:
     """Join a subject's prepared betas with its cached features and split them."""
-    prepared, cache, feature_ids = _inputs(data, subject)
-    with _reading_features(cache) as h5:  # training needs nearly every row: read each target once
-        features = {name: h5[name][()].astype(np.float32) for name in TARGETS}
+    prepared, cache, feature_ids = checked_inputs(data, subject)
+    with reading_features(cache) as h5:  # training needs nearly every row: read each target once
+        features = {name: h5[name][()].astype(np.float32) for name in TARGET_NAMES}
     train, test = load_split(prepared, "train"), load_split(prepared, "test")
-    _check_covered(cache, feature_ids, np.union1d(train.nsd_id, test.nsd_id))
-    _check_finite(prepared, {f"{split}/{name}": getattr(part, name) for split, part in (("train", train), ("test", test))
-                             for name in ("structural", "semantic", "other")}, _REPREPARE)
-    _check_finite(cache, features, _RECOMPUTE)
+    check_covered(cache, feature_ids, np.union1d(train.nsd_id, test.nsd_id))
+    check_finite(prepared, {f"{split}/{name}": getattr(part, name) for split, part in (("train", train), ("test", test))
+                             for name in ("structural", "semantic", "other")}, REPREPARE)
+    check_finite(cache, features, RECOMPUTE)
 
     rng = np.random.default_rng(config.seed)
     train_images = np.unique(train.nsd_id)
@@ -277,65 +199,63 @@ def load_training_data(data: Path, subject: int, config: TrainConfig) -> Trainin
     fit_rows = ~is_val
     if config.use_trials:
         rows = np.searchsorted(feature_ids, train.nsd_id[fit_rows])
-        fit = Split(train.structural[fit_rows], train.semantic[fit_rows], *(features[name][rows] for name in TARGETS),
+        fit = Split(train.structural[fit_rows], train.semantic[fit_rows], *(features[name][rows] for name in TARGET_NAMES),
                     train.nsd_id[fit_rows], other=train.other[fit_rows])
     else:
-        fit = _averaged_split(train.structural[fit_rows], train.semantic[fit_rows], train.nsd_id[fit_rows], features, feature_ids,
+        fit = averaged_split(train.structural[fit_rows], train.semantic[fit_rows], train.nsd_id[fit_rows], features, feature_ids,
                               train.other[fit_rows])
     if config.shuffle_control:
         order = rng.permutation(len(fit.nsd_id))
         fit = dataclasses.replace(fit, **{name: value[order] for name, value in fit.targets().items()}, nsd_id=fit.nsd_id[order])
     return TrainingData(
         fit=fit,
-        val=_averaged_split(train.structural[is_val], train.semantic[is_val], train.nsd_id[is_val], features, feature_ids,
+        val=averaged_split(train.structural[is_val], train.semantic[is_val], train.nsd_id[is_val], features, feature_ids,
                             train.other[is_val]),
-        test=_averaged_split(test.structural, test.semantic, test.nsd_id, features, feature_ids, test.other),
+        test=averaged_split(test.structural, test.semantic, test.nsd_id, features, feature_ids, test.other),
     )
 
 
 def build_decoders(data: TrainingData, config: TrainConfig) -> tuple[StructuralGenerator, SemanticExtractor]:
-    """Decoders sized for ``data`` (voxel counts, target shapes) and the config's preset."""
-    preset = PRESETS[config.preset]
-    latent_channels, latent_size = data.fit.vae_latents.shape[1], data.fit.vae_latents.shape[-1]
-    structural = StructuralGenerator(
-        n_voxels=data.fit.structural.shape[1], latent_channels=latent_channels, latent_size=latent_size,
-        map_size=max(1, latent_size // 4), **preset["structural"],
-    )
-    semantic_sizes = preset["semantic"] | ({} if config.semantic_rank == "preset" else {"rank": config.semantic_rank})
-    semantic = SemanticExtractor(
-        n_voxels=data.fit.semantic.shape[1], dim=data.fit.clip_image.shape[-1],
-        image_tokens=data.fit.clip_image.shape[1], text_tokens=data.fit.clip_text.shape[1], **semantic_sizes,
-    )
-    return structural, semantic
+    """The config's decoder architectures, sized for ``data`` (voxel counts, target shapes) and
+    the config's size preset."""
+    fit = data.fit
+    sizes = TargetSizes(latent_channels=fit.vae_latents.shape[1], latent_side=fit.vae_latents.shape[-1],
+                        image_tokens=fit.clip_image.shape[1], text_tokens=fit.clip_text.shape[1], dim=fit.clip_image.shape[-1])
+    decoders = []
+    for role, name in (("structural", config.structural_decoder), ("semantic", config.semantic_decoder)):
+        settings = {"rank": config.semantic_rank} if role == "semantic" and config.semantic_rank != "preset" else {}
+        decoders.append(DECODERS[name].for_targets(getattr(fit, role).shape[1], sizes, config.preset, **settings))
+    return tuple(decoders)
 
 
 def _tensors(part: Split, device: torch.device) -> dict[str, torch.Tensor]:
-    names = ("structural", "semantic", *TARGETS)
+    names = ("structural", "semantic", *TARGET_NAMES)
     return {name: torch.as_tensor(getattr(part, name), device=device) for name in names}
 
 
 class Decoders(torch.nn.Module):
     """Both decoders as one module: they train on one loss, and DDP syncs one module's gradients.
 
-    ``decoders(structural_voxels, semantic_voxels)`` -> (latents, image tokens, text tokens).
+    ``decoders(structural_voxels, semantic_voxels)`` -> ``{target name: prediction}``, every
+    target of :mod:`havir.targets`.
     """
 
     def __init__(self, structural: StructuralGenerator, semantic: SemanticExtractor):
         super().__init__()
         self.structural, self.semantic = structural, semantic
 
-    def forward(self, structural_voxels: torch.Tensor, semantic_voxels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.structural(structural_voxels), *self.semantic(semantic_voxels))
+    def forward(self, structural_voxels: torch.Tensor, semantic_voxels: torch.Tensor) -> dict[str, torch.Tensor]:
+        return self.structural.predict(structural_voxels) | self.semantic.predict(semantic_voxels)
 
 
 def _losses(decoders, batch: dict[str, torch.Tensor], config: TrainConfig, shard: Shard | None = None) -> dict[str, torch.Tensor]:
     """Both pathways' losses on ``batch``; with ``shard``, this process's share of them."""
     if shard is not None:
         return _shard_losses(decoders, batch, config, shard)
-    latents, image_tokens, text_tokens = (t.float() for t in decoders(batch["structural"], batch["semantic"]))
-    s = structural_loss(latents, batch["vae_latents"], config.edge_weight)
-    i = semantic_loss(image_tokens, batch["clip_image"], config.cosine_weight, config.contrastive_weight)
-    t = semantic_loss(text_tokens, batch["clip_text"], config.cosine_weight, config.contrastive_weight)
+    predicted = {name: value.float() for name, value in decoders(batch["structural"], batch["semantic"]).items()}
+    s = structural_loss(predicted["vae_latents"], batch["vae_latents"], config.edge_weight)
+    i = semantic_loss(predicted["clip_image"], batch["clip_image"], config.cosine_weight, config.contrastive_weight)
+    t = semantic_loss(predicted["clip_text"], batch["clip_text"], config.cosine_weight, config.contrastive_weight)
     return {"structural": s["total"], "semantic": i["total"] + t["total"]}
 
 
@@ -350,7 +270,9 @@ def _shard_losses(decoders, batch: dict[str, torch.Tensor], config: TrainConfig,
     """
     local = {name: value[shard.rows] for name, value in batch.items()}
     with batch_shard(shard):
-        latents, image_tokens, text_tokens = (t.float() for t in decoders(local["structural"], local["semantic"]))
+        latents, image_tokens, text_tokens = (
+            t.float() for t in decoders(local["structural"], local["semantic"]).values()  # in TARGET_NAMES order
+        )
     if shard.size:
         s = shard.weight * structural_loss(latents, local["vae_latents"], config.edge_weight)["total"]
         m = shard.weight * (semantic_loss(image_tokens, local["clip_image"], config.cosine_weight, 0.0)["total"]
@@ -379,40 +301,18 @@ def evaluate(structural, semantic, part: Split, device: torch.device) -> dict[st
     structural.eval()
     semantic.eval()
     tensors = _tensors(part, device)
-    latents = structural(tensors["structural"]).float()
-    image_tokens, text_tokens = (t.float() for t in semantic(tensors["semantic"]))
-    return scores({"vae_latents": latents, "clip_image": image_tokens, "clip_text": text_tokens}, tensors)
+    predicted = structural.predict(tensors["structural"]) | semantic.predict(tensors["semantic"])
+    return scores({name: value.float() for name, value in predicted.items()}, tensors)
 
 
 def scores(predicted: dict, target: dict) -> dict[str, float]:
     """Per target: mean per-image correlation and two-way identification (chance 0.5)."""
     out = {}
-    for name in TARGETS:
+    for name in TARGET_NAMES:
         p, t = (torch.as_tensor(x).flatten(1).float().cpu().numpy() for x in (predicted[name], target[name]))
         out[f"{name}_correlation"] = float(row_correlations(p, t).mean())
         out[f"{name}_identification"] = float(two_way_identification(t, p).mean())
     return out
-
-
-def _save_decoder(model, weights: dict[str, torch.Tensor], folder: Path) -> None:
-    """Write ``weights`` in ``model``'s save_pretrained layout (config.json + safetensors), as one
-    folder committed by one rename, so a crash never leaves half a model."""
-    with atomic_path(folder) as temporary:
-        model.save_config(temporary)
-        save_file({k: v.contiguous() for k, v in weights.items()}, temporary / SAFETENSORS_WEIGHTS_NAME)
-
-
-def load_decoder(cls: type[StructuralGenerator] | type[SemanticExtractor], folder: Path):
-    """``cls.from_pretrained(folder)`` that works in any folder: safetensors' file loader takes
-    only UTF-8 paths (a run folder named in Latin-1 could not reload its own model), so the
-    weights are read here as bytes."""
-    try:
-        model = cls.from_config(cls.load_config(folder))
-        model.load_state_dict(load((Path(folder) / SAFETENSORS_WEIGHTS_NAME).read_bytes()))
-    except (OSError, ValueError, RuntimeError, SafetensorError) as err:  # missing, damaged or mismatched
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InvalidInputError(f"decoder in {folder} cannot be loaded ({reason}): run `havir train` again into a new --out") from err
-    return model.eval()
 
 
 def _check_run_folder(run: Path, subject: int, model: str, config: TrainConfig) -> bool:
@@ -424,13 +324,13 @@ def _check_run_folder(run: Path, subject: int, model: str, config: TrainConfig) 
     record = run / "run.json"
     if not record.is_file():  # config.toml is written first: alone, it is a start that stopped there
         if run.exists() and any(p.name != "config.toml" and not p.name.startswith(".") for p in run.iterdir()):
-            raise ValueError(f"run folder {run} is not empty and holds no HAVIR run: choose another --out")
+            raise InvalidInputError(f"run folder {run} is not empty and holds no HAVIR run: choose another --out")
         return False
     held = read_json(record, what="run record", fix="delete the run folder or choose another --out")
     if (held.get("subject"), held.get("model"), held.get("config_sha256")) != (subject, model, config.sha256()):
         if not _has_results(run):
             return False  # a run that stopped before its first checkpoint: start this one instead
-        raise ValueError(
+        raise InvalidInputError(
             f"run folder {run} holds another run (subject {held.get('subject')}, model {held.get('model')}, "
             f"config {str(held.get('config_sha256'))[:12]}): choose another --out or delete it"
         )
@@ -439,16 +339,6 @@ def _check_run_folder(run: Path, subject: int, model: str, config: TrainConfig) 
 
 #: ``havir train``'s own options (the training settings are :attr:`TrainConfig.CONSTRAINTS`).
 TRAIN_OPTIONS: dict[str, Rule] = {"model": OneOf("havir", "ridge")}
-
-
-def _features_model(cache: Path) -> str:
-    """The Versatile Diffusion a features cache was computed with (its ``settings`` attribute)."""
-    with _reading_features(cache) as h5:
-        settings = h5.attrs["settings"]
-    try:
-        return json.loads(settings)["model"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise InvalidInputError(f"features cache {cache} has no valid settings record ({err}): run `havir features` again") from err
 
 
 def _has_results(run: Path) -> bool:
@@ -480,10 +370,10 @@ def train_subject(
     launch = processes()
     resuming = _check_run_folder(Path(run), subject, model, config)
     dataset = load_training_data(data, subject, config)
-    features_vd = _features_model(features_path(data, subject))
-    normalisation = prepared_normalisation(Path(data) / f"subj{subject:02d}.h5")  # recorded with the results
+    features_vd = features_settings(features_path(data, subject), keys=("model",))["model"]
+    normalisation = prepared_normalisation(prepared_path(data, subject))  # recorded with the results
     if vd is not None and vd != features_vd:
-        raise ValueError(f"the features in {data} were computed with --vd {features_vd}, not {vd}: run `havir features --vd {vd}` first")
+        raise InvalidInputError(f"the features in {data} were computed with --vd {features_vd}, not {vd}: run `havir features --vd {vd}` first")
     # 2. Only now create the run folder and write into it.
     launch.wait_for_everyone()  # every process has checked the run folder before the main one writes into it
     # The main process locks it.
@@ -506,17 +396,10 @@ def train_subject(
         return broadcast_object_list([summary])[0]  # every process returns it, once it is written
 
 
-def ridge_voxels(part: Split, inputs: str) -> np.ndarray:
-    """The ridge's input (n, v): HAVIR's two sets (``"sets"``), or with the other nsdgeneral
-    voxels too (``"nsdgeneral"``: all of them, as Brain-Diffuser reads them)."""
-    sets = [part.structural, part.semantic] + ([part.other] if inputs == "nsdgeneral" else [])
-    return np.concatenate(sets, axis=1)
-
-
 def _image_averages(part: Split) -> Split:
     """``part`` with its rows averaged by image (its targets are per image already)."""
     ids, first = np.unique(part.nsd_id, return_index=True)
-    voxels = {name: _averaged(getattr(part, name), part.nsd_id)[0] for name in ("structural", "semantic", "other")}
+    voxels = {name: averaged(getattr(part, name), part.nsd_id)[0] for name in ("structural", "semantic", "other")}
     return Split(**voxels, **{name: value[first] for name, value in part.targets().items()}, nsd_id=ids)
 
 
@@ -606,11 +489,12 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
             rows = order[step * config.batch_size : (step + 1) * config.batch_size]
             batch = {name: value[rows] for name, value in fit.items()}
             shard = Shard.of(len(rows), launch.process_index, world) if world > 1 else None
-            with autocast:
-                losses = _losses(decoders, batch, config, shard)
-            optimizer.zero_grad(set_to_none=True)
-            # The processes' shares sum to the batch's loss, and DDP averages their gradients: hence x world.
-            ((losses["structural"] + losses["semantic"]) * world).backward()
+            with smaller_batch_on_oom(config.batch_size, "batch_size = {} in the --config TOML"):
+                with autocast:
+                    losses = _losses(decoders, batch, config, shard)
+                optimizer.zero_grad(set_to_none=True)
+                # The processes' shares sum to the batch's loss, and DDP averages their gradients: hence x world.
+                ((losses["structural"] + losses["semantic"]) * world).backward()
             optimizer.step()
             schedule.step()
             totals += torch.stack([losses["structural"].detach(), losses["semantic"].detach()]).float() * (len(rows) / n_fit)
@@ -618,7 +502,7 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
             totals = reduce(totals, reduction="sum")
         train_loss = dict(zip(models, totals.tolist()))
         if not all(np.isfinite(list(train_loss.values()))):
-            raise ValueError(
+            raise InvalidInputError(
                 f"the training loss became {train_loss} at epoch {epoch + 1}: lower learning_rate (now "
                 f"{config.learning_rate}) in the config; the last good checkpoint (epoch {checkpointed_epoch}) is in {checkpoint}"
             )
@@ -641,7 +525,7 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
         if time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_minutes or epoch + 1 == config.epochs:
             saving_started = time.perf_counter()
             for name, weights in unsaved_best.items():
-                _save_decoder(models[name], weights, run / name)
+                save_decoder(models[name], weights, run / name)
             unsaved_best.clear()
             _save_checkpoint(checkpoint, structural, semantic, optimizer, schedule, state)
             checkpointed_epoch, last_checkpoint = epoch + 1, time.perf_counter()
@@ -653,14 +537,13 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
 
     summary = None
     if main:
-        best_structural = load_decoder(StructuralGenerator, run / "structural").to(device)
-        best_semantic = load_decoder(SemanticExtractor, run / "semantic").to(device)
+        best = load_decoders(run, device)
         summary = {
             "epochs": config.epochs,
             "final_train_loss": state["last"]["train_loss"],
             "final_val_loss": state["last"]["val_loss"],
             "best_epoch": state["best_epoch"],
-            "test_scores": evaluate(best_structural, best_semantic, dataset.test, device),
+            "test_scores": evaluate(best["structural"], best["semantic"], dataset.test, device),
         }
     return broadcast_object_list([summary])[0]
 

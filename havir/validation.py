@@ -121,7 +121,21 @@ class AnyOf:
         return " or ".join(str(rule) for rule in self.rules)
 
 
-Rule = Interval | OneOf | ListOf | AnyOf
+@dataclass(frozen=True)
+class KeyOf:
+    """A name in ``registry`` (a dict that may grow after this rule is made: a decoder class
+    registered later is allowed too)."""
+
+    registry: Mapping[str, Any]
+
+    def allows(self, value: Any) -> bool:
+        return isinstance(value, str) and value in self.registry
+
+    def __str__(self) -> str:
+        return "one of " + ", ".join(self.registry)
+
+
+Rule = Interval | OneOf | ListOf | AnyOf | KeyOf
 
 
 def check_values(

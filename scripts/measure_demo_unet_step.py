@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from havir.demo_world.clip import load_demo_clip
-from havir.features import encode_clip_images, encode_clip_texts, encode_vae_latents
+from havir.models.encoding import encode_clip_images, encode_clip_texts, encode_vae_latents
 from havir.models.compat import set_text_share
 from havir.models.versatile import load_versatile_diffusion
 from havir.nsd.scenes import describe_scene, render_scene, sample_scene

@@ -54,7 +54,7 @@ from safetensors.torch import load_file, save_file
 from havir.demo_world.clip import load_demo_clip
 from havir.demo_world.probe import content_scores, load_scene_probe, scene_labels
 from havir.demo_world.training import load_checkpoint, prefixed, save_checkpoint, unprefixed
-from havir.features import encode_clip_images, encode_clip_texts, encode_vae_latents
+from havir.models.encoding import encode_clip_images, encode_clip_texts, encode_vae_latents
 from havir.io import atomic_path, package_versions, write_json
 from havir.models.compat import UNetFlatConditionModel, make_dual_unet, set_text_share
 from havir.models.versatile import CONFIGS, DEMO_VAE, DEMO_VD, VersatileDiffusion, load_versatile_diffusion

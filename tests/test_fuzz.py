@@ -22,6 +22,7 @@ from pathlib import Path
 import h5py
 import nibabel as nib
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 
@@ -296,6 +297,38 @@ def diffusers_warnings(monkeypatch):
     return lambda: diffusers_logging.set_verbosity(previous)
 
 
+def out_of_memory(module: str, name: str):
+    """A patch making ``module.name`` run out of GPU memory, as a batch too large would."""
+
+    def patch(monkeypatch):
+        def exhausted(*args, **kwargs):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        monkeypatch.setattr(f"{module}.{name}", exhausted)
+
+    return patch
+
+
+def standin_out_of_memory(monkeypatch):
+    """``havir eval`` scores with the offline stand-in network (no protocol weights here), which runs out of memory."""
+    from havir.metrics.networks import load_standin_network
+
+    monkeypatch.setattr("havir.metrics.evaluate.load_networks", lambda *a, **k: ({"lite0": load_standin_network()}, {}))
+    out_of_memory("havir.metrics.networks.FeatureNetwork", "features")(monkeypatch)
+
+
+def ground_truth_as_recon(w: World) -> list:
+    """``havir eval`` of the test stimuli themselves."""
+    from havir.metrics.evaluate import load_ground_truth
+
+    nsd_ids, images, _ = load_ground_truth(w.data, 1)
+    recon = w.scratch / "recon"
+    recon.mkdir()
+    for nsd_id, image in zip(nsd_ids, images):
+        PIL.Image.fromarray(image).save(recon / f"{int(nsd_id)}.png")
+    return ["eval", "--recon", recon, "--data", w.data, "--subject", 1, "--batch-size", 8, "--out", w.scratch / "eval"]
+
+
 def reconstructed_two(w: World, summary: dict, stderr: str):
     assert summary["n_images"] == 2 and len(list((w.scratch / "recon").glob("*.png"))) == 2
     assert "unexpected_setting" in stderr  # held during the command, printed after it succeeded
@@ -352,6 +385,13 @@ CASES = [
     Case("run-record-missing-key", damaged_run(drop_json_key("run.json", "data")), ("run record", "run.json", "lacks the keys data"), no_output="recon"),
     Case("device-cuda-without-gpu", train("--device", "cuda"), ("--device cuda", "no usable CUDA GPU", "--device cpu"), no_output="out", patch=no_cuda),
     Case("train-ten-steps", lambda w: ten_step_config(w) + ["--json"], check=trained_ok),
+    # Issue 15, item 5: out of GPU memory is one line naming a smaller batch, in every command that batches.
+    Case("train-out-of-memory", train_config("batch_size = 64\n"), ("out of memory at batch size 64", "batch_size = 32 in the --config"),
+         patch=out_of_memory("havir.train", "_losses")),
+    Case("reconstruct-out-of-memory", reconstruct("--batch-size", 4, "--limit", 2), ("out of memory at batch size 4", "try --batch-size 2"),
+         no_output="recon", patch=out_of_memory("havir.reconstruct", "reconstruct_batch")),
+    Case("eval-out-of-memory", ground_truth_as_recon, ("out of memory at batch size 8", "try --batch-size 4"),
+         patch=standin_out_of_memory),
     # Item 6: NaN in the inputs is named as such, before the run folder exists.
     Case("prepared-nan", damaged_data(edit_h5("subj01.h5", set_row_nan("train/structural")), "train"),
          ("subj01.h5", "NaN or infinite", "train/structural", "havir prepare"), no_output="out"),

@@ -32,9 +32,9 @@ import numpy as np
 import PIL.Image
 import torch
 from transformers import CLIPImageProcessorPil, CLIPTextModelWithProjection, CLIPTokenizer, CLIPVisionModelWithProjection
-from transformers.utils import logging as transformers_logging
 
 from havir.errors import MissingInputError
+from havir.library_logging import quiet_model_libraries
 from havir.models.versatile import DEMO_VD, TEXT_TOKENS
 from havir.nsd.scenes import describe_scene, sample_scene
 
@@ -129,9 +129,9 @@ class DemoClip:
         return folder
 
 
+@quiet_model_libraries()  # per-file bars would drown HAVIR's own progress
 def load_demo_clip(folder: Path = DEMO_CLIP) -> DemoClip:
     """The miniature CLIP in ``folder`` (default: the shipped one), float32, eval mode."""
-    transformers_logging.disable_progress_bar()  # per-file bars would drown HAVIR's own progress
     folder = Path(folder)
     missing = [name for name in FOLDERS if not (folder / name).is_dir()]
     if missing:

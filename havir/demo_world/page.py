@@ -14,7 +14,8 @@ from pathlib import Path
 from havir.demo_world.measures import DEMO_MEASURES, summarise
 from havir.demo_world.probe import DEMO_MEASURE_NOTE
 from havir.io import atomic_path
-from havir.metrics.evaluate import load_ground_truth, load_reconstructions
+from havir.artifacts.reconstruction import load_reconstructions
+from havir.metrics.evaluate import load_ground_truth
 from havir.report import _data_uri
 
 #: Shown first on the page.

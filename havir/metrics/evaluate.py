@@ -11,17 +11,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import h5py
 import numpy as np
-import PIL.Image
 import torch
 
-from havir.errors import InvalidInputError, MissingInputError
+from havir.artifacts.prepared import prepared_normalisation, prepared_record_path, require_prepared
+from havir.artifacts.reconstruction import load_reconstructions, read_reconstruction, reconstruction_ids  # noqa: F401
+from havir.devices import smaller_batch_on_oom
+from havir.errors import InvalidInputError
 from havir.io import atomic_path, package_versions, write_json
 from havir.metrics.networks import (
     STANDIN_METRICS,
@@ -32,122 +32,36 @@ from havir.metrics.networks import (
 )
 from havir.metrics.protocols import (
     MINDEYE2,
-    PROTOCOL_METRICS,
     FeatureMetric,
     ProtocolPreset,
     get_preset,
     pixel_images,
     working_images,
 )
+from havir.metrics.records import image_metrics
+from havir.metrics.results import (  # noqa: F401 (also read here by their old path)
+    PROTOCOL_NAMES,
+    PUBLISHED_ROWS,
+    Evaluation,
+    MetricScore,
+    PublishedRow,
+    comparison_rows,
+    published_rows,
+)
 from havir.metrics.scores import (
     bootstrap_interval,
     correlation_distance,
     correlation_matrix,
     identification_from_correlations,
-    pixcorr,
-    ssim,
 )
 from havir.nsd.layout import check_subject
-from havir.prepare import prepared_normalisation
 from havir.progress import track
-
-#: Metric names in the order of the published tables (``cli.md``'s ``--json`` keys).
-PROTOCOL_NAMES = ("pixcorr", "ssim") + tuple(metric.name for metric in PROTOCOL_METRICS)
-
-
-@dataclass(frozen=True)
-class PublishedRow:
-    """One row of a published table: a method's metrics (fractions, as HAVIR reports them), the
-    preset that computed them, and the data protocol (subjects averaged, sessions, images)."""
-
-    method: str
-    preset: str
-    subjects: tuple[int, ...]
-    sessions: int
-    images: int
-    source: str
-    metrics: dict
-
-    def protocol(self) -> str:
-        subjects = "/".join(str(s) for s in self.subjects)
-        return f"{self.preset} preset; NSD subjects {subjects} (mean), {self.sessions} sessions, {self.images} test images"
-
-
-_MINDEYE2_TABLE = "MindEye2 paper, Table 1 (every row re-scored by MindEyeV2's final_evaluations.ipynb)"
-#: ``havir-method.md``'s table: NSD, mean of subjects 1, 2, 5, 7, 40 sessions, 1000 test images,
-#: all four rows computed by MindEye2's evaluation code, i.e. the ``mindeye2`` preset.
-PUBLISHED_ROWS = tuple(
-    PublishedRow(method, "mindeye2", (1, 2, 5, 7), 40, 1000, _MINDEYE2_TABLE, dict(zip(PROTOCOL_NAMES, values)))
-    for method, values in (
-        ("MindEye2", (0.322, 0.431, 0.961, 0.986, 0.954, 0.930, 0.619, 0.344)),
-        ("MindEye1", (0.319, 0.360, 0.928, 0.969, 0.946, 0.933, 0.648, 0.377)),
-        ("Brain-Diffuser", (0.273, 0.365, 0.944, 0.966, 0.913, 0.909, 0.728, 0.421)),
-        ("Takagi & Nishimoto", (0.246, 0.410, 0.789, 0.856, 0.838, 0.821, 0.811, 0.504)),
-    )
-)
-
-
-@dataclass
-class MetricScore:
-    """One metric over a set of images.
-
-    ``per_image`` : (n,) scores in the order of the evaluation's ``nsd_ids``; ``mean`` is the
-    reported number and ``interval`` its bootstrap 95% confidence interval. ``correlations``
-    (identification metrics only, kept in memory): the (n, n) matrix C[i, j] = corr(ground truth
-    i, reconstruction j) the identification counts from, a finer check than the counts.
-    """
-
-    name: str
-    per_image: np.ndarray
-    interval: tuple[float, float]
-    network: str
-    protocol: bool
-    higher_is_better: bool
-    correlations: np.ndarray | None = None
-
-    @property
-    def mean(self) -> float:
-        return float(self.per_image.mean())
-
-
-@dataclass
-class Evaluation:
-    """Scores of n reconstructions; ``skipped`` maps a metric to why it was not computed;
-    ``notes`` are things the user should know (a sibling folder left out of the report...)."""
-
-    nsd_ids: np.ndarray
-    scores: dict[str, MetricScore]
-    skipped: dict[str, str] = field(default_factory=dict)
-    protocol: dict = field(default_factory=dict)
-    outputs: dict[str, Path] = field(default_factory=dict)  # files written, by kind
-    notes: list[str] = field(default_factory=list)
-
-    def summary(self) -> dict:
-        """The ``--json`` object of ``cli.md``: n, metrics (fractions), skipped, protocol, intervals.
-
-        ``metrics`` holds only numbers computed with the protocol's networks; anything else
-        (random weights, the demo's stand-in) is under ``non_protocol_metrics`` with its network.
-        """
-        return {
-            "n": len(self.nsd_ids),
-            "metrics": {name: round(score.mean, 6) for name, score in self.scores.items() if score.protocol},
-            "non_protocol_metrics": {
-                name: {"value": round(score.mean, 6), "network": score.network}
-                for name, score in self.scores.items() if not score.protocol
-            },
-            "intervals_95": {name: [round(v, 6) for v in score.interval] for name, score in self.scores.items()},
-            "skipped": self.skipped,
-            "notes": self.notes,
-            "protocol": self.protocol,
-            "outputs": {kind: str(path) for kind, path in self.outputs.items()},
-        }
-
 
 def _feature_score(metric: FeatureMetric, truth: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """(per-image scores, the correlation matrix for an identification metric else None)."""
     if metric.score == "identification":
         if len(truth) < 2:
-            raise ValueError("two-way identification needs at least two images")
+            raise InvalidInputError("two-way identification needs at least two images: reconstruct two or more test images (--limit 2 or more) and evaluate again")
         matrix = correlation_matrix(truth, recon)
         return identification_from_correlations(matrix), matrix
     return correlation_distance(truth, recon), None
@@ -177,9 +91,9 @@ def score_images(
     device = torch.device(device)
     metrics = tuple(preset.metrics) + STANDIN_METRICS if metrics is None else tuple(metrics)
     if len(ground_truth) != len(reconstructions):
-        raise ValueError(f"{len(ground_truth)} ground-truth images but {len(reconstructions)} reconstructions")
+        raise InvalidInputError(f"{len(ground_truth)} ground-truth images but {len(reconstructions)} reconstructions")
     if len(ground_truth) == 0:
-        raise ValueError("no images to score")
+        raise InvalidInputError("no images to score")
     truth_side = ground_truth.shape[1]
 
     def batches():
@@ -191,23 +105,26 @@ def score_images(
     def interval(per_image: np.ndarray) -> tuple[float, float]:
         return bootstrap_interval(per_image, resamples=resamples, seed=seed)
 
-    pixel_scores: dict[str, list[np.ndarray]] = {"pixcorr": [], "ssim": []}
+    pixel_metrics = image_metrics()  # PixCorr, SSIM and any other registered ImageMetric
+    pixel_scores: dict[str, list[np.ndarray]] = {metric.name: [] for metric in pixel_metrics}
     for truth, recon in batches():
         truth_px, recon_px = pixel_images(preset, truth, recon, truth_side)
-        pixel_scores["pixcorr"].append(pixcorr(truth_px, recon_px))
-        pixel_scores["ssim"].append(ssim(truth_px, recon_px, variant=preset.ssim_variant))
+        for metric in pixel_metrics:
+            pixel_scores[metric.name].append(np.asarray(metric.score(truth_px, recon_px, preset)))
     results = {}
-    for name, parts in pixel_scores.items():
-        per_image = np.concatenate(parts)
-        results[name] = MetricScore(name, per_image, interval(per_image), "pixels", True, True)
+    for metric in pixel_metrics:
+        per_image = np.concatenate(pixel_scores[metric.name])
+        results[metric.name] = MetricScore(metric.name, per_image, interval(per_image), "pixels", metric.protocol,
+                                           metric.higher_is_better)
     wanted = [metric for metric in metrics if metric.network in networks]
     for network_name in track(list(dict.fromkeys(m.network for m in wanted)), "feature networks", enabled=progress):
         network = networks[network_name]
         layers = [metric.layer for metric in wanted if metric.network == network_name]
         features: dict[str, list[dict]] = {"truth": [], "recon": []}
         for truth, recon in batches():
-            features["truth"].append(network.features(truth, layers, device=device, batch_size=batch_size))
-            features["recon"].append(network.features(recon, layers, device=device, batch_size=batch_size))
+            with smaller_batch_on_oom(batch_size):
+                features["truth"].append(network.features(truth, layers, device=device, batch_size=batch_size))
+                features["recon"].append(network.features(recon, layers, device=device, batch_size=batch_size))
         for metric in (m for m in wanted if m.network == network_name):
             truth_features = np.concatenate([part[metric.layer] for part in features["truth"]])
             recon_features = np.concatenate([part[metric.layer] for part in features["recon"]])
@@ -223,105 +140,17 @@ def load_ground_truth(data: Path, subject: int) -> tuple[np.ndarray, np.ndarray,
     """A subject's test stimuli from the prepared data: (nsd_ids (n,), uint8 images (n, s, s, 3),
     the data protocol: subject, sessions read, number of test images, normalisation)."""
     check_subject(subject)
-    prepared = Path(data) / f"subj{subject:02d}.h5"
-    if not prepared.is_file():
-        raise FileNotFoundError(f"no prepared data for subj{subject:02d} in {data}: run `havir prepare` first")
+    prepared = require_prepared(data, subject)
     with h5py.File(prepared, "r") as h5:
         if "test/stimuli" not in h5:
-            raise ValueError(f"{prepared} holds no test stimuli: run `havir prepare` again")
+            raise InvalidInputError(f"{prepared} holds no test stimuli: run `havir prepare` again")
         nsd_ids = h5["test/stimulus_nsd_id"][()]
         images = h5["test/stimuli"][()]
-    record_path = prepared.with_suffix(".json")
-    record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+    record_file = prepared_record_path(data, subject)
+    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     protocol = {"subject": subject, "sessions": record.get("sessions"), "test_images": int(len(nsd_ids)),
                 "normalisation": prepared_normalisation(prepared)}
     return nsd_ids, images, protocol
-
-
-_PNG_NAME = re.compile(r"^(\d+)\.png$")
-_CANONICAL = re.compile(r"^(0|[1-9]\d*)\.png$")
-
-
-def reconstruction_ids(folder: Path) -> set[int]:
-    """The nsdIds of the ``<nsdId>.png`` files in ``folder``.
-
-    Names are strict: one canonical name per image, the decimal nsdId without leading zeros
-    (``12.png``). ``0012.png`` would be a second name for the same image (and ``12.png`` and
-    ``0012.png`` side by side would score only one of them), so any such name is refused.
-    """
-    numbered = [path.name for path in Path(folder).iterdir() if _PNG_NAME.match(path.name)]
-    odd = sorted(name for name in numbered if not _CANONICAL.match(name))
-    if odd:
-        example = f"{int(odd[0][:-4])}.png"
-        raise InvalidInputError(
-            f"{folder} holds {len(odd)} reconstruction(s) with leading zeros in the name (e.g. {odd[0]}): name each "
-            f"image <nsdId>.png without leading zeros ({odd[0]} -> {example}), one file per image"
-        )
-    return {int(name[:-4]) for name in numbered}
-
-
-def read_reconstruction(path: Path) -> np.ndarray:
-    """One reconstruction as uint8 (h, w, 3).
-
-    8-bit images of any PIL mode are converted to RGB. 16-bit grayscale PNGs are scaled by
-    255/65535 (PIL's RGB conversion would clip them to white); 16-bit colour PNGs are refused
-    (PIL keeps only their high byte). An image over PIL's decompression-bomb limit is refused.
-    """
-    try:
-        with PIL.Image.open(path) as image:
-            rawmode = image.tile[0].args if image.tile else ""
-            if image.mode.startswith("I;16"):
-                levels = np.asarray(image).astype(np.float64) * (255.0 / 65535.0)
-                gray = np.rint(levels).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=2)
-            if image.mode in ("I", "F"):
-                raise InvalidInputError(
-                    f"{path} is a {image.mode} (32-bit) image: save reconstructions as 8-bit RGB PNGs"
-                )
-            if isinstance(rawmode, str) and ";16" in rawmode:
-                raise InvalidInputError(
-                    f"{path} is a 16-bit colour PNG ({rawmode}), which PIL reads only to 8 bits by truncation: "
-                    "save reconstructions as 8-bit RGB PNGs"
-                )
-            return np.asarray(image.convert("RGB"))
-    except PIL.Image.DecompressionBombError as err:
-        raise InvalidInputError(
-            f"{path} is too large to be a reconstruction ({err}): save it at the stimulus size (425 or 512 px)"
-        ) from None
-    except PIL.UnidentifiedImageError:
-        raise InvalidInputError(f"{path} is not an image PIL can read: write reconstructions as PNG files") from None
-
-
-def load_reconstructions(folder: Path, nsd_ids: np.ndarray, *, exact: bool = True) -> np.ndarray:
-    """The reconstructions ``<nsdId>.png`` in ``folder`` for ``nsd_ids``, as uint8 (n, h, w, 3).
-
-    With ``exact`` (scoring) the folder must hold exactly these images: a missing or an extra
-    id is an error naming them, so that two methods are never compared on different image sets.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MissingInputError(f"reconstruction folder {folder} does not exist: pass the --out folder of `havir reconstruct`")
-    present = reconstruction_ids(folder)
-    wanted = {int(i) for i in nsd_ids}
-
-    def listed(ids: set[int]) -> str:
-        shown = ", ".join(str(i) for i in sorted(ids)[:5])
-        return shown + (f" and {len(ids) - 5} more" if len(ids) > 5 else "")
-
-    if wanted - present:
-        raise MissingInputError(
-            f"{folder} lacks {len(wanted - present)} of the {len(wanted)} test images (nsdId {listed(wanted - present)}): "
-            "reconstruct all of them (`havir reconstruct` without --limit) before scoring"
-        )
-    if exact and present - wanted:
-        raise InvalidInputError(
-            f"{folder} holds {len(present - wanted)} images that are not this subject's test images "
-            f"(nsdId {listed(present - wanted)}): is it another subject's folder?"
-        )
-    images = [read_reconstruction(folder / f"{int(nsd_id)}.png") for nsd_id in nsd_ids]
-    if len({image.shape for image in images}) > 1:
-        raise InvalidInputError(f"the reconstructions in {folder} have different sizes: {sorted({i.shape for i in images})}")
-    return np.stack(images)
 
 
 def load_networks(
@@ -446,32 +275,6 @@ def write_per_image_csv(evaluation: Evaluation, path: Path) -> None:
         writer.writerow(["nsd_id", *names])
         for row, nsd_id in enumerate(evaluation.nsd_ids):
             writer.writerow([int(nsd_id), *(f"{evaluation.scores[name].per_image[row]:.6f}" for name in names)])
-
-
-def published_rows(preset: str) -> tuple[list[PublishedRow], list[tuple[PublishedRow, str]]]:
-    """The published rows computed with ``preset``, and the others with the reason they are apart."""
-    same = [row for row in PUBLISHED_ROWS if row.preset == preset]
-    apart = [(row, f"computed with the {row.preset} preset, not {preset}") for row in PUBLISHED_ROWS if row.preset != preset]
-    return same, apart
-
-
-def comparison_rows(evaluation: Evaluation, label: str) -> dict:
-    """This evaluation's row beside the published rows of its own preset; rows of other presets
-    are listed apart (``other_presets``), each with the reason."""
-    preset = evaluation.protocol.get("preset", MINDEYE2.name)
-    data = evaluation.protocol.get("data", {})
-    ours = {
-        "method": label,
-        "protocol": f"{preset} preset; NSD subject {data.get('subject')}, {data.get('sessions')} sessions, "
-                    f"{len(evaluation.nsd_ids)} test images",
-    } | {name: evaluation.scores[name].mean for name in PROTOCOL_NAMES if name in evaluation.scores and evaluation.scores[name].protocol}
-    same, apart = published_rows(preset)
-    return {
-        "preset": preset,
-        "rows": [{"method": row.method, "protocol": row.protocol(), "source": row.source} | row.metrics for row in same] + [ours],
-        "other_presets": [{"method": row.method, "protocol": row.protocol(), "reason": reason} | row.metrics for row, reason in apart],
-        "notes": list(evaluation.notes),
-    }
 
 
 def write_evaluation(evaluation: Evaluation, out: Path) -> None:

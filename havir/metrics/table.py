@@ -17,12 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from havir.errors import InvalidInputError, MissingInputError
-from havir.metrics.evaluate import PROTOCOL_NAMES, published_rows
+from havir.metrics.records import metric_record
+from havir.metrics.results import PROTOCOL_NAMES, published_rows
 
-#: Column titles of the published tables.
-TITLES = {"pixcorr": "PixCorr", "ssim": "SSIM", "alexnet2": "Alex(2)", "alexnet5": "Alex(5)", "inception": "Incep",
-          "clip": "CLIP", "effnet": "EffNet-B", "swav": "SwAV"}
-DISTANCES = ("effnet", "swav")  # lower is better
 _TEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "_": r"\_", "#": r"\#", "$": r"\$", "{": r"\{", "}": r"\}",
                 "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
 
@@ -108,17 +105,13 @@ def subject_table(paths: Sequence[Path], *, method: str | None = None) -> Subjec
 
 def _cell(name: str, value: float | None) -> str:
     """A published table's notation: PixCorr/SSIM/distances to 3 decimals, identification in %."""
-    if value is None:
-        return "—"
-    if name in ("pixcorr", "ssim") or name in DISTANCES:
-        return f"{value:.3f}"
-    return f"{100 * value:.1f}%"
+    return metric_record(name).format(value)
 
 
 def table_rows(table: SubjectTable) -> tuple[list[str], list[list[str]]]:
     """(header, rows): the published rows of the preset, then this run's mean."""
     subjects = "/".join(str(s) for s in table.subjects)
-    header = ["method", *(TITLES[name] for name in PROTOCOL_NAMES), "protocol"]
+    header = ["method", *(metric_record(name).column for name in PROTOCOL_NAMES), "protocol"]
     rows = [[row.method, *(_cell(n, row.metrics.get(n)) for n in PROTOCOL_NAMES), row.protocol()] for row in table.published]
     ours = (f"{table.preset} preset; subjects {subjects} (mean), {table.sessions} sessions, {table.images} test images")
     rows.append([table.method, *(_cell(n, table.row.get(n)) for n in PROTOCOL_NAMES), ours])

@@ -21,13 +21,15 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from diffusers.models import DualTransformer2DModel, UNet2DConditionModel
-from transformers.utils import logging as transformers_logging
+
+from havir.errors import InvalidInputError
+from havir.library_logging import quiet_model_libraries
 
 # Importing the deprecated pipeline makes transformers warn that its fast image processor needs
 # torchvision; HAVIR uses the PIL one (CLIPImageProcessorPil), so the warning is noise.
-transformers_logging.set_verbosity_error()
-from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
-from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
+with quiet_model_libraries():
+    from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
+    from diffusers.pipelines.deprecated.versatile_diffusion.modeling_text_unet import UNetFlatConditionModel
 
 __all__ = ["UNetFlatConditionModel", "make_dual_unet", "set_text_share"]
 
@@ -63,7 +65,7 @@ def set_text_share(dual_unet: UNet2DConditionModel, text_share: float, text_toke
     tokens ordered [text | image]: the pipeline's ``text_to_image_strength``.
     """
     if not 0.0 <= text_share <= 1.0:
-        raise ValueError(f"text share must be in [0, 1], got {text_share}")
+        raise InvalidInputError(f"text share must be in [0, 1], got {text_share}")
     for module in dual_unet.modules():
         if isinstance(module, DualTransformer2DModel):
             module.mix_ratio = text_share

@@ -31,6 +31,28 @@ from torch import nn
 
 # nn.Dropout, whose masks also stay the same when a training batch is split across processes.
 from havir.distributed import ShardDropout
+from havir.errors import InvalidInputError
+from havir.targets import TargetSizes, targets_of
+
+#: Decoder classes by class name: the name diffusers writes as ``_class_name`` into each saved
+#: decoder's ``config.json``, and the value of the training settings ``structural_decoder`` and
+#: ``semantic_decoder``. Add one with :func:`register_decoder`.
+DECODERS: dict[str, type] = {}
+
+
+def register_decoder(cls: type) -> type:
+    """Class decorator: make a decoder choosable in the training settings and loadable from a run.
+
+    A decoder is a diffusers ``ModelMixin, ConfigMixin`` model with a class attribute ``role``
+    (``"structural"`` or ``"semantic"``: which voxels it reads and which targets of
+    :mod:`havir.targets` it predicts), a classmethod ``for_targets(n_voxels, sizes, preset,
+    **settings)`` that builds it for a backbone's target sizes and a size preset, and
+    ``predict(voxels) -> {target name: tensor}``.
+    """
+    if getattr(cls, "role", None) not in ("structural", "semantic"):
+        raise TypeError(f"decoder {cls.__name__} must declare role = 'structural' or 'semantic'")
+    DECODERS[cls.__name__] = cls
+    return cls
 
 
 class _ResidualMLP(nn.Module):
@@ -54,6 +76,7 @@ def _stem(n_voxels: int, width: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(n_voxels, width), nn.LayerNorm(width), nn.SiLU(), ShardDropout(dropout))
 
 
+@register_decoder
 class StructuralGenerator(ModelMixin, ConfigMixin):
     """Structural voxels -> VAE latent.
 
@@ -67,6 +90,10 @@ class StructuralGenerator(ModelMixin, ConfigMixin):
         ``latent_size / map_size`` must be a power of two (one 2x upsampling stage per factor).
     groups : GroupNorm groups.
     """
+
+    role = "structural"
+    #: What :meth:`predict` returns (see :mod:`havir.targets`).
+    targets = targets_of("structural")
 
     @register_to_config
     def __init__(
@@ -85,7 +112,7 @@ class StructuralGenerator(ModelMixin, ConfigMixin):
         super().__init__()
         stages = latent_size // map_size
         if map_size * stages != latent_size or stages & (stages - 1):
-            raise ValueError(f"latent_size / map_size must be a power of two, got {latent_size} / {map_size}")
+            raise InvalidInputError(f"latent_size / map_size must be a power of two, got {latent_size} / {map_size}")
         self.stem = _stem(n_voxels, width, input_dropout)
         self.backbone = _ResidualMLP(width, n_blocks, block_dropout)
         self.to_map = nn.Linear(width, map_channels * map_size * map_size)
@@ -106,6 +133,16 @@ class StructuralGenerator(ModelMixin, ConfigMixin):
         hidden = self.backbone(self.stem(voxels))
         low = self.to_map(hidden).view(-1, config.map_channels, config.map_size, config.map_size)
         return self.upsample(self.map_norm(low))
+
+    @classmethod
+    def for_targets(cls, n_voxels: int, sizes: TargetSizes, preset: str, **settings) -> StructuralGenerator:
+        """Sized for ``sizes``' VAE latent and the ``preset`` of :data:`PRESETS` (``settings`` override it)."""
+        return cls(n_voxels=n_voxels, latent_channels=sizes.latent_channels, latent_size=sizes.latent_side,
+                   map_size=max(1, sizes.latent_side // 4), **PRESETS[preset]["structural"] | settings)
+
+    def predict(self, voxels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"vae_latents": latents}`` of ``voxels`` (batch, n_voxels)."""
+        return dict(zip(self.targets, (self(voxels),), strict=True))
 
 
 class _TokenHead(nn.Module):
@@ -129,9 +166,10 @@ def check_rank(rank: int | str) -> int | str:
     """``rank`` if it is a positive integer or ``"full"``; else a ValueError saying so."""
     if rank == "full" or (isinstance(rank, int) and not isinstance(rank, bool) and rank >= 1):
         return rank
-    raise ValueError(f"the semantic heads' rank must be a positive integer or \"full\", got {rank!r}")
+    raise InvalidInputError(f"the semantic heads' rank must be a positive integer or \"full\", got {rank!r}")
 
 
+@register_decoder
 class SemanticExtractor(ModelMixin, ConfigMixin):
     """Semantic voxels -> CLIP image tokens and CLIP text tokens.
 
@@ -143,6 +181,10 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
     width, n_blocks, input_dropout, block_dropout : the residual MLP backbone.
     rank : numbers per token in the token-factorised heads, or ``"full"`` (dense heads).
     """
+
+    role = "semantic"
+    #: What :meth:`predict` returns (see :mod:`havir.targets`).
+    targets = targets_of("semantic")
 
     @register_to_config
     def __init__(
@@ -168,6 +210,16 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
         """``voxels`` (batch, n_voxels) -> (image tokens (batch, 257, dim), text tokens (batch, 77, dim))."""
         hidden = self.backbone(self.stem(voxels))
         return self.image_head(hidden), self.text_head(hidden)
+
+    @classmethod
+    def for_targets(cls, n_voxels: int, sizes: TargetSizes, preset: str, **settings) -> SemanticExtractor:
+        """Sized for ``sizes``' CLIP tokens and the ``preset`` of :data:`PRESETS` (``settings``, e.g. ``rank``, override it)."""
+        return cls(n_voxels=n_voxels, dim=sizes.dim, image_tokens=sizes.image_tokens, text_tokens=sizes.text_tokens,
+                   **PRESETS[preset]["semantic"] | settings)
+
+    def predict(self, voxels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{"clip_image": image tokens, "clip_text": text tokens}`` of ``voxels`` (batch, n_voxels)."""
+        return dict(zip(self.targets, self(voxels), strict=True))
 
 
 def variance_kept_by_rank(tokens: np.ndarray, ranks: list[int]) -> dict:

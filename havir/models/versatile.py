@@ -34,7 +34,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-from diffusers.utils import logging as diffusers_logging
 from transformers import (
     CLIPImageProcessorPil,
     CLIPTextConfig,
@@ -44,11 +43,11 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from transformers.utils import logging as transformers_logging
-
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path
+from havir.library_logging import quiet_model_libraries
 from havir.models.compat import UNetFlatConditionModel, make_dual_unet
+from havir.targets import TargetSizes
 
 DEFAULT_MODEL = "shi-labs/versatile-diffusion"
 BUILT_IN = ("tiny", "demo", "full-random")
@@ -106,6 +105,13 @@ class VersatileDiffusion:
     def embedding_dim(self) -> int:
         """Width of the CLIP tokens the UNet is conditioned on (768 for the released model)."""
         return int(self.text_encoder.config.projection_dim)
+
+    @property
+    def target_sizes(self) -> TargetSizes:
+        """Sizes of the training targets its encoders give (see :mod:`havir.targets`)."""
+        latent_side = self.image_side // 2 ** (len(self.vae.config.block_out_channels) - 1)
+        image_tokens = (self.image_encoder.config.image_size // self.image_encoder.config.patch_size) ** 2 + 1
+        return TargetSizes(self.vae.config.latent_channels, latent_side, image_tokens, TEXT_TOKENS, self.embedding_dim)
 
     def save_pretrained(self, folder: Path) -> Path:
         """Write the diffusers layout that :func:`load_versatile_diffusion` reads back.
@@ -175,7 +181,7 @@ def clip_byte_tokenizer() -> CLIPTokenizer:
 def build_random(name: str, seed: int = 0) -> VersatileDiffusion:
     """Build a random-weight built-in architecture (``tiny``, ``full-random``) from ``seed``."""
     if name not in RANDOM_BUILT_IN:
-        raise ValueError(f"unknown random-weight model {name!r}; choose one of {', '.join(RANDOM_BUILT_IN)}")
+        raise InvalidInputError(f"unknown random-weight model {name!r}; choose one of {', '.join(RANDOM_BUILT_IN)}")
     configs = name
     tokenizer = clip_byte_tokenizer()
     with torch.random.fork_rng(devices=[]):
@@ -215,14 +221,15 @@ def _resolve_hub_id(repo_id: str) -> Path:
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline))
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as err:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Versatile Diffusion weights {repo_id!r} are not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
             + (" and HF_HUB_OFFLINE is set" if offline else " and could not be downloaded")
-            + f": run `huggingface-cli download {repo_id}` where there is internet (about 8 GB), "
+            + f": run `hf download {repo_id}` where there is internet (about 8 GB), "
             "then copy the cache here or pass --vd /path/to/versatile-diffusion"
         ) from err
 
 
+@quiet_model_libraries()  # the libraries' per-file progress bars and notes would drown HAVIR's own progress
 def load_versatile_diffusion(
     model: str | Path = DEFAULT_MODEL,
     *,
@@ -238,11 +245,6 @@ def load_versatile_diffusion(
     device, dtype : where and in what precision the modules live (bf16 or fp16 on CUDA).
     seed : seed of the random weights of ``tiny`` and ``full-random``.
     """
-    # The libraries' per-file progress bars and notes would drown HAVIR's own progress.
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
-    transformers_logging.set_verbosity_error()
-    transformers_logging.disable_progress_bar()
     name = str(model)
     if name == "demo":
         components = _load_folder(DEMO_VD)
@@ -253,7 +255,7 @@ def load_versatile_diffusion(
         folder = Path(name).expanduser()
         if not folder.is_dir():
             if not _HUB_ID.fullmatch(name):
-                raise FileNotFoundError(f"Versatile Diffusion folder {folder} does not exist (nor is it a hub id)")
+                raise MissingInputError(f"Versatile Diffusion folder {folder} does not exist (nor is it a hub id)")
             folder = _resolve_hub_id(name)
         components = _load_folder(folder)
     return components.to(device=device, dtype=dtype)
@@ -262,7 +264,7 @@ def load_versatile_diffusion(
 def _load_folder(folder: Path) -> VersatileDiffusion:
     missing = [c for c in COMPONENTS if not (folder / c).is_dir()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingInputError(
             f"Versatile Diffusion folder {folder} lacks {', '.join(missing)}: expected the diffusers layout "
             f"({', '.join(COMPONENTS)}), e.g. a download of {DEFAULT_MODEL}"
         )
@@ -271,7 +273,7 @@ def _load_folder(folder: Path) -> VersatileDiffusion:
         raise MissingInputError(
             f"Versatile Diffusion folder {folder} has no .safetensors weights in {', '.join(pickled_only)} "
             "(HAVIR never unpickles .bin files): download the safetensors files "
-            f"(`huggingface-cli download {DEFAULT_MODEL} --include '*.safetensors' '*.json' '*.txt'`) "
+            f"(`hf download {DEFAULT_MODEL} --include '*.safetensors' '*.json' '*.txt'`) "
             "or convert the .bin files to safetensors where you trust them"
         )
     index_path = folder / "model_index.json"

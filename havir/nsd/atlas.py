@@ -13,6 +13,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from havir.errors import InvalidInputError
 from havir.nsd.layout import ATLASES, FALLBACK_LABELS, NSDLayout, require_file
 
 
@@ -38,7 +39,7 @@ class Atlas:
     def voxels(self, label: str) -> np.ndarray:
         """Boolean (X, Y, Z) mask of the voxels that carry ``label``."""
         if label not in self.names:
-            raise ValueError(
+            raise InvalidInputError(
                 f"atlas {self.name} has no label {label!r}; its labels are {', '.join(self.names) or 'none'} "
                 f"(from {self.names_from}): fix the label in the mask definition, or re-download a damaged colour table"
             )
@@ -51,7 +52,7 @@ def read_ctab(path: Path) -> dict[str, int]:
     try:
         text = path.read_text()
     except UnicodeDecodeError as err:
-        raise ValueError(f"colour table {path} is not text ({err.reason} at byte {err.start}): re-download it") from err
+        raise InvalidInputError(f"colour table {path} is not text ({err.reason} at byte {err.start}): re-download it") from err
     for line in text.splitlines():
         fields = line.split()
         if not fields or fields[0].startswith("#"):
@@ -59,7 +60,7 @@ def read_ctab(path: Path) -> dict[str, int]:
         try:
             value = int(fields[0])
         except ValueError as err:
-            raise ValueError(f"colour table {path}: line {line!r} does not start with a label value") from err
+            raise InvalidInputError(f"colour table {path}: line {line!r} does not start with a label value") from err
         if value > 0 and len(fields) > 1:
             names[fields[1]] = value
     return names
@@ -78,13 +79,13 @@ def read_volume(path: Path, what: str) -> nib.Nifti1Image:
     try:
         return nib.load(path)
     except Exception as err:  # nibabel raises ImageFileError, EOFError, zlib errors...
-        raise ValueError(f"cannot read {what} {path}: {err}; re-download the file") from err
+        raise InvalidInputError(f"cannot read {what} {path}: {err}; re-download the file") from err
 
 
 def read_atlas(layout: NSDLayout, subject: int, atlas: str) -> Atlas:
     """Read one ROI atlas of ``subject``."""
     if atlas not in ATLASES:
-        raise ValueError(f"unknown atlas {atlas!r}; HAVIR reads {', '.join(ATLASES)}")
+        raise InvalidInputError(f"unknown atlas {atlas!r}; HAVIR reads {', '.join(ATLASES)}")
     path = require_file(
         layout.roi_file(subject, atlas),
         f"ROI atlas {atlas} of subj{subject:02d}",
@@ -94,9 +95,9 @@ def read_atlas(layout: NSDLayout, subject: int, atlas: str) -> Atlas:
     try:
         data = np.asanyarray(image.dataobj)
     except Exception as err:
-        raise ValueError(f"cannot read ROI atlas {path}: {err}; re-download the file") from err
+        raise InvalidInputError(f"cannot read ROI atlas {path}: {err}; re-download the file") from err
     if data.ndim != 3:
-        raise ValueError(f"ROI atlas {path} has shape {data.shape}; expected a 3-D label volume")
+        raise InvalidInputError(f"ROI atlas {path} has shape {data.shape}; expected a 3-D label volume")
     # Labels are small integers stored as float in some releases; round, never truncate.
     labels = np.rint(data).astype(np.int16)
     ctab = layout.ctab_file(atlas)

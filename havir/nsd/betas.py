@@ -21,6 +21,8 @@ import h5py
 import nibabel as nib
 import numpy as np
 
+from havir.errors import InvalidInputError
+
 #: NSD stores betas as int16 percent signal change multiplied by this.
 BETAS_SCALE = 300.0
 
@@ -47,7 +49,7 @@ class BetasFile:
 
 
 def _corrupt(path: Path, err: BaseException) -> ValueError:
-    return ValueError(f"betas file {path} is truncated or corrupt ({err}); delete it and download it again")
+    return InvalidInputError(f"betas file {path} is truncated or corrupt ({err}); delete it and download it again")
 
 
 def open_betas(path: Path, fmt: str) -> BetasFile:
@@ -59,20 +61,20 @@ def open_betas(path: Path, fmt: str) -> BetasFile:
             raise _corrupt(path, err) from err
         shape = tuple(int(n) for n in header.get_data_shape())
         if len(shape) != 4:
-            raise ValueError(f"betas file {path} has shape {shape}; expected (X, Y, Z, trials)")
+            raise InvalidInputError(f"betas file {path} has shape {shape}; expected (X, Y, Z, trials)")
         return BetasFile(path=path, fmt=fmt, grid=shape[:3], n_trials=shape[3])
     if fmt == "hdf5":
         try:
             with h5py.File(path, "r") as h5:
                 if "betas" not in h5:
-                    raise ValueError(f"betas file {path} has no dataset 'betas' (found {', '.join(h5)})")
+                    raise InvalidInputError(f"betas file {path} has no dataset 'betas' (found {', '.join(h5)})")
                 shape = h5["betas"].shape
         except OSError as err:  # h5py reports a damaged or non-HDF5 file as OSError
             raise _corrupt(path, err) from err
         if len(shape) != 4:
-            raise ValueError(f"betas file {path} has shape {shape}; expected (trials, Z, Y, X)")
+            raise InvalidInputError(f"betas file {path} has shape {shape}; expected (trials, Z, Y, X)")
         return BetasFile(path=path, fmt=fmt, grid=(shape[3], shape[2], shape[1]), n_trials=shape[0])
-    raise ValueError(f"unknown betas format {fmt!r}; expected 'nifti' or 'hdf5'")
+    raise InvalidInputError(f"unknown betas format {fmt!r}; expected 'nifti' or 'hdf5'")
 
 
 def read_masked_betas(betas: BetasFile, voxels: np.ndarray) -> np.ndarray:
@@ -89,12 +91,12 @@ def read_masked_betas(betas: BetasFile, voxels: np.ndarray) -> np.ndarray:
     """
     voxels = np.asarray(voxels, dtype=np.int64)
     if voxels.ndim != 2 or voxels.shape[1] != 3:
-        raise ValueError(f"voxels must have shape (n_voxels, 3), got {voxels.shape}")
+        raise InvalidInputError(f"voxels must have shape (n_voxels, 3), got {voxels.shape}")
     reader = _read_nifti if betas.fmt == "nifti" else _read_hdf5
     raw = reader(betas, voxels)
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         bad = int((~np.isfinite(raw)).any(axis=0).sum())
-        raise ValueError(
+        raise InvalidInputError(
             f"betas file {betas.path} holds NaN or inf values in {bad} masked voxels; NSD betas are "
             "finite int16: re-create the file from the release, or drop those voxels from the mask"
         )

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from havir.errors import InvalidInputError
 from havir.nsd.layout import require_file
 
 
@@ -65,10 +66,10 @@ def load_design(path: Path) -> Design:
     try:
         mat = scipy.io.loadmat(path)
     except Exception as err:  # scipy raises several unrelated types for a damaged file
-        raise ValueError(f"cannot read the experiment design {path}: {err}; re-download it") from err
+        raise InvalidInputError(f"cannot read the experiment design {path}: {err}; re-download it") from err
     missing = [key for key in ("masterordering", "subjectim", "sharedix") if key not in mat]
     if missing:
-        raise ValueError(f"experiment design {path} lacks {', '.join(missing)}: is it nsd_expdesign.mat?")
+        raise InvalidInputError(f"experiment design {path} lacks {', '.join(missing)}: is it nsd_expdesign.mat?")
     design = Design(
         masterordering=np.asarray(mat["masterordering"], dtype=np.int64).ravel(),
         subjectim=np.atleast_2d(np.asarray(mat["subjectim"], dtype=np.int64)),
@@ -76,7 +77,7 @@ def load_design(path: Path) -> Design:
     )
     n_list = design.subjectim.shape[1]
     if design.masterordering.min() < 1 or design.masterordering.max() > n_list:
-        raise ValueError(
+        raise InvalidInputError(
             f"experiment design {path}: masterordering must hold 1-based indices in 1..{n_list}, "
             f"found {design.masterordering.min()}..{design.masterordering.max()}"
         )
@@ -95,12 +96,12 @@ def subject_trials(design: Design, subject: int, trials_per_session: list[int]) 
     """
     n_trials = int(sum(trials_per_session))
     if n_trials > design.masterordering.size:
-        raise ValueError(
+        raise InvalidInputError(
             f"the sessions hold {n_trials} trials but the design describes only "
             f"{design.masterordering.size}: do the betas belong to this design file?"
         )
     if design.subjectim.shape[0] < subject:
-        raise ValueError(f"the design's subjectim has {design.subjectim.shape[0]} rows; no subject {subject}")
+        raise InvalidInputError(f"the design's subjectim has {design.subjectim.shape[0]} rows; no subject {subject}")
     k = design.masterordering[:n_trials]  # 1-based index into the subject's image list
     nsd_id = design.subjectim[subject - 1, k - 1] - 1
     is_test = k <= design.n_shared

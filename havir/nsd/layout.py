@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from havir.errors import InvalidInputError, MissingInputError
+
 #: Atlases HAVIR reads, in ``nsddata/ppdata/subjXX/func1pt8mm/roi/<atlas>.nii.gz``.
 ATLASES = (
     "nsdgeneral",
@@ -46,7 +48,7 @@ _SESSION_FILE = re.compile(r"betas_session(\d{2})\.(nii\.gz|hdf5)$")
 def check_subject(subject: int) -> int:
     """Return ``subject`` if it is an NSD subject number (1..8), else raise ``ValueError``."""
     if not isinstance(subject, int) or subject not in SUBJECTS:
-        raise ValueError(f"subject must be one of 1..8 (NSD has eight participants), got {subject!r}")
+        raise InvalidInputError(f"subject must be one of 1..8 (NSD has eight participants), got {subject!r}")
     return subject
 
 
@@ -103,7 +105,7 @@ class NSDLayout:
     def check_root(self) -> None:
         """Raise ``FileNotFoundError`` unless the root folder exists."""
         if not self.root.is_dir():
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"NSD root {self.root} does not exist: pass the folder that holds nsddata/, "
                 "nsddata_betas/ and nsddata_stimuli/ (a mirror of the natural-scenes-dataset bucket)"
             )
@@ -122,7 +124,7 @@ class NSDLayout:
                     fmt = "nifti" if match.group(2) == "nii.gz" else "hdf5"
                     found.setdefault(int(match.group(1)), {})[fmt] = path
         if not found:
-            raise FileNotFoundError(
+            raise MissingInputError(
                 f"no betas for subj{subject:02d}: expected betas_sessionNN.nii.gz or .hdf5 in {folder} "
                 "(download nsddata_betas for this subject, or pick a subject you have)"
             )
@@ -132,5 +134,5 @@ class NSDLayout:
 def require_file(path: Path, what: str, hint: str) -> Path:
     """Return ``path`` if it is a file, else raise ``FileNotFoundError`` naming it and ``hint``."""
     if not path.is_file():
-        raise FileNotFoundError(f"{what} not found: {path} ({hint})")
+        raise MissingInputError(f"{what} not found: {path} ({hint})")
     return path

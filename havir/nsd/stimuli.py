@@ -26,7 +26,7 @@ def read_stim_info(path: Path) -> pd.DataFrame:
         raise InvalidInputError(f"stimulus table {path} is not a readable CSV ({err}): re-download it from the NSD release") from err
     missing = {"nsdId", "cocoId", "cocoSplit"} - set(table.columns)
     if missing:
-        raise ValueError(f"stimulus table {path} lacks the columns {', '.join(sorted(missing))}")
+        raise InvalidInputError(f"stimulus table {path} lacks the columns {', '.join(sorted(missing))}")
     return table.set_index("nsdId", drop=False)
 
 
@@ -61,12 +61,12 @@ def iter_stimuli(path: Path, nsd_ids: np.ndarray, block: int = STIMULUS_BLOCK) -
         with h5py.File(path, "r") as h5:
             brick = _checked_brick(h5, path)
             if ids.size and ids[-1] >= brick.shape[0]:
-                raise ValueError(f"{path} holds {brick.shape[0]} images; image id {ids[-1]} asked for")
+                raise InvalidInputError(f"{path} holds {brick.shape[0]} images; image id {ids[-1]} asked for")
             for start in range(0, ids.size, block):
                 chunk = ids[start : start + block]
                 yield chunk, brick[chunk]
     except (OSError, KeyError) as err:
-        raise ValueError(f"cannot read stimuli from {path} ({err}); re-download nsd_stimuli.hdf5") from err
+        raise InvalidInputError(f"cannot read stimuli from {path} ({err}); re-download nsd_stimuli.hdf5") from err
 
 
 def stimulus_side(path: Path) -> int:
@@ -76,7 +76,7 @@ def stimulus_side(path: Path) -> int:
         with h5py.File(path, "r") as h5:
             return int(_checked_brick(h5, path).shape[1])
     except (OSError, KeyError) as err:
-        raise ValueError(f"cannot read stimuli from {path} ({err}); re-download nsd_stimuli.hdf5") from err
+        raise InvalidInputError(f"cannot read stimuli from {path} ({err}); re-download nsd_stimuli.hdf5") from err
 
 
 def read_captions(
@@ -112,7 +112,7 @@ def read_captions(
         try:
             annotations = json.loads(path.read_text())["annotations"]
         except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"COCO caption file {path} is not valid COCO JSON ({err})") from err
+            raise InvalidInputError(f"COCO caption file {path} is not valid COCO JSON ({err})") from err
         by_coco: dict[int, list[str]] = {}
         for entry in annotations:
             if not (isinstance(entry, dict) and isinstance(entry.get("caption"), str) and isinstance(entry.get("image_id"), int)):
@@ -123,6 +123,6 @@ def read_captions(
             by_coco.setdefault(entry["image_id"], []).append(entry["caption"].strip())
         for nsd_id, coco_id in zip(group["nsdId"].tolist(), group["cocoId"].tolist()):
             if int(coco_id) not in by_coco:
-                raise ValueError(f"{path} has no caption for COCO image {coco_id} (nsdId {nsd_id})")
+                raise InvalidInputError(f"{path} has no caption for COCO image {coco_id} (nsdId {nsd_id})")
             captions[int(nsd_id)] = by_coco[int(coco_id)]
     return captions

@@ -81,7 +81,7 @@ def test_miniature_clip_conditions_the_tiny_unets(clip, tmp_path):
     """Put together as a Versatile Diffusion folder with the ``demo`` UNets and VAE, the
     miniature CLIP loads as a released folder does, and its tokens (77 text, 257 image, of the
     UNets' cross-attention width) drive the dual-guided UNet."""
-    from havir.features import encode_clip_images, encode_clip_texts
+    from havir.models.encoding import encode_clip_images, encode_clip_texts
     from havir.models.versatile import load_versatile_diffusion
 
     vd = load_versatile_diffusion("demo")

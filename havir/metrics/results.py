@@ -1,0 +1,128 @@
+"""The results of an evaluation as data: per-metric scores, the ``--json`` summary, and the
+published rows they are compared with. Read by ``havir eval``, the report and ``havir table``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from havir.metrics.protocols import MINDEYE2, PROTOCOL_METRICS
+
+#: Metric names in the order of the published tables (``cli.md``'s ``--json`` keys).
+PROTOCOL_NAMES = ("pixcorr", "ssim") + tuple(metric.name for metric in PROTOCOL_METRICS)
+
+
+@dataclass(frozen=True)
+class PublishedRow:
+    """One row of a published table: a method's metrics (fractions, as HAVIR reports them), the
+    preset that computed them, and the data protocol (subjects averaged, sessions, images)."""
+
+    method: str
+    preset: str
+    subjects: tuple[int, ...]
+    sessions: int
+    images: int
+    source: str
+    metrics: dict
+
+    def protocol(self) -> str:
+        subjects = "/".join(str(s) for s in self.subjects)
+        return f"{self.preset} preset; NSD subjects {subjects} (mean), {self.sessions} sessions, {self.images} test images"
+
+
+_MINDEYE2_TABLE = "MindEye2 paper, Table 1 (every row re-scored by MindEyeV2's final_evaluations.ipynb)"
+#: ``havir-method.md``'s table: NSD, mean of subjects 1, 2, 5, 7, 40 sessions, 1000 test images,
+#: all four rows computed by MindEye2's evaluation code, i.e. the ``mindeye2`` preset.
+PUBLISHED_ROWS = tuple(
+    PublishedRow(method, "mindeye2", (1, 2, 5, 7), 40, 1000, _MINDEYE2_TABLE, dict(zip(PROTOCOL_NAMES, values)))
+    for method, values in (
+        ("MindEye2", (0.322, 0.431, 0.961, 0.986, 0.954, 0.930, 0.619, 0.344)),
+        ("MindEye1", (0.319, 0.360, 0.928, 0.969, 0.946, 0.933, 0.648, 0.377)),
+        ("Brain-Diffuser", (0.273, 0.365, 0.944, 0.966, 0.913, 0.909, 0.728, 0.421)),
+        ("Takagi & Nishimoto", (0.246, 0.410, 0.789, 0.856, 0.838, 0.821, 0.811, 0.504)),
+    )
+)
+
+
+@dataclass
+class MetricScore:
+    """One metric over a set of images.
+
+    ``per_image`` : (n,) scores in the order of the evaluation's ``nsd_ids``; ``mean`` is the
+    reported number and ``interval`` its bootstrap 95% confidence interval. ``correlations``
+    (identification metrics only, kept in memory): the (n, n) matrix C[i, j] = corr(ground truth
+    i, reconstruction j) the identification counts from, a finer check than the counts.
+    """
+
+    name: str
+    per_image: np.ndarray
+    interval: tuple[float, float]
+    network: str
+    protocol: bool
+    higher_is_better: bool
+    correlations: np.ndarray | None = None
+
+    @property
+    def mean(self) -> float:
+        return float(self.per_image.mean())
+
+
+@dataclass
+class Evaluation:
+    """Scores of n reconstructions; ``skipped`` maps a metric to why it was not computed;
+    ``notes`` are things the user should know (a sibling folder left out of the report...)."""
+
+    nsd_ids: np.ndarray
+    scores: dict[str, MetricScore]
+    skipped: dict[str, str] = field(default_factory=dict)
+    protocol: dict = field(default_factory=dict)
+    outputs: dict[str, Path] = field(default_factory=dict)  # files written, by kind
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """The ``--json`` object of ``cli.md``: n, metrics (fractions), skipped, protocol, intervals.
+
+        ``metrics`` holds only numbers computed with the protocol's networks; anything else
+        (random weights, the demo's stand-in) is under ``non_protocol_metrics`` with its network.
+        """
+        return {
+            "n": len(self.nsd_ids),
+            "metrics": {name: round(score.mean, 6) for name, score in self.scores.items() if score.protocol},
+            "non_protocol_metrics": {
+                name: {"value": round(score.mean, 6), "network": score.network}
+                for name, score in self.scores.items() if not score.protocol
+            },
+            "intervals_95": {name: [round(v, 6) for v in score.interval] for name, score in self.scores.items()},
+            "skipped": self.skipped,
+            "notes": self.notes,
+            "protocol": self.protocol,
+            "outputs": {kind: str(path) for kind, path in self.outputs.items()},
+        }
+
+
+def published_rows(preset: str) -> tuple[list[PublishedRow], list[tuple[PublishedRow, str]]]:
+    """The published rows computed with ``preset``, and the others with the reason they are apart."""
+    same = [row for row in PUBLISHED_ROWS if row.preset == preset]
+    apart = [(row, f"computed with the {row.preset} preset, not {preset}") for row in PUBLISHED_ROWS if row.preset != preset]
+    return same, apart
+
+
+def comparison_rows(evaluation: Evaluation, label: str) -> dict:
+    """This evaluation's row beside the published rows of its own preset; rows of other presets
+    are listed apart (``other_presets``), each with the reason."""
+    preset = evaluation.protocol.get("preset", MINDEYE2.name)
+    data = evaluation.protocol.get("data", {})
+    ours = {
+        "method": label,
+        "protocol": f"{preset} preset; NSD subject {data.get('subject')}, {data.get('sessions')} sessions, "
+                    f"{len(evaluation.nsd_ids)} test images",
+    } | {name: evaluation.scores[name].mean for name in PROTOCOL_NAMES if name in evaluation.scores and evaluation.scores[name].protocol}
+    same, apart = published_rows(preset)
+    return {
+        "preset": preset,
+        "rows": [{"method": row.method, "protocol": row.protocol(), "source": row.source} | row.metrics for row in same] + [ours],
+        "other_presets": [{"method": row.method, "protocol": row.protocol(), "reason": reason} | row.metrics for row, reason in apart],
+        "notes": list(evaluation.notes),
+    }
