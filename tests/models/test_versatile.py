@@ -108,7 +108,7 @@ def test_demo_vae_reconstructs_synthetic_scenes():
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
     errors = {}
     for name in ("demo", "tiny"):
-        vae = build_random(name).vae
+        vae = load_versatile_diffusion(name).vae
         with torch.no_grad():
             errors[name] = torch.nn.functional.mse_loss(vae.decode(vae.encode(x).latent_dist.mode()).sample, x).item()
     assert errors["demo"] < 0.03 < errors["tiny"]
