@@ -48,10 +48,19 @@ VDOpt = Annotated[str, typer.Option("--vd", help="Versatile Diffusion: a local f
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; progress stays on stderr.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: OMP_NUM_THREADS when set, else torch's default). Give each job sharing a machine its share.")]
 
 # What the library raises for bad input: HavirError for the errors it names itself; OSError covers
 # missing, unreadable and unwritable files, MemoryError a batch too large for the GPU.
 _USER_ERRORS = (HavirError, ValueError, TypeError, OSError, MemoryError)
+
+
+def _use_threads(threads: int | None) -> None:
+    """Check ``--threads`` (before any other work) and apply it."""
+    check_options({"threads": Interval(int, 1, optional=True)}, threads=threads)
+    from havir.devices import use_threads
+
+    use_threads(threads)
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
@@ -172,7 +181,7 @@ def prepare(
 
     summary = prepare_subject(
         nsd_root, subject, out, sessions=sessions, definition=definition, betas_format=betas_format,
-        captions_dir=captions_dir, normalisation=normalisation, progress=not as_json or sys.stderr.isatty(),
+        captions_dir=captions_dir, normalisation=normalisation,
     )
     _emit(summary, as_json, f"prepared subj{subject:02d}")
 
@@ -186,14 +195,15 @@ def features(
     dtype: DtypeOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 16,
     stimuli: Annotated[Optional[Path], typer.Option("--stimuli", help="nsd_stimuli.hdf5, if not under the NSD root prepare read.")] = None,
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compute and cache the training targets: VAE latents, CLIP image tokens, CLIP text tokens."""
+    _use_threads(threads)
     from havir.features import compute_features
 
     summary = compute_features(
         data, subject, model=vd, device=device, dtype=dtype, batch_size=batch_size, stimuli=stimuli,
-        progress=not as_json or sys.stderr.isatty(),
     )
     _emit(summary, as_json, f"features of subj{subject:02d}")
 
@@ -207,14 +217,16 @@ def train(
     config: Annotated[Optional[Path], typer.Option("--config", help="Training settings (TOML); see havir.train.TrainConfig.")] = None,
     model: Annotated[str, typer.Option("--model", help="havir (both decoders) or ridge (the baseline).")] = "havir",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the Structural Generator and the Semantic Extractor (or the ridge baseline)."""
+    _use_threads(threads)
     from havir.train import TrainConfig, train_subject
 
     settings = TrainConfig.from_toml(config) if config else TrainConfig()
     summary = train_subject(
-        data, subject, out, model=model, config=settings, vd=vd, device=device, progress=not as_json or sys.stderr.isatty()
+        data, subject, out, model=model, config=settings, vd=vd, device=device
     )
     _emit(summary, as_json, f"trained subj{subject:02d} ({model})")
 
@@ -235,9 +247,11 @@ def reconstruct(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Reconstruct the test images of a trained run with dual-guided Versatile Diffusion."""
+    _use_threads(threads)
     from havir.reconstruct import SamplerSettings, reconstruct_run
 
     settings = SamplerSettings(
@@ -271,9 +285,11 @@ def eval_command(
     protocol: Annotated[str, typer.Option("--protocol", help="Evaluation preset: mindeye2 (the published table) or brain-diffuser (its own paper).")] = "mindeye2",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass of a feature network.")] = 32,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
+    _use_threads(threads)
     _refuse_launch("eval")
     from havir.devices import resolve_device
     from havir.metrics.evaluate import evaluate_folder
@@ -288,7 +304,7 @@ def eval_command(
     with output_folder(out or recon / "eval") if recon.is_dir() else contextlib.nullcontext():
         evaluation = evaluate_folder(
             recon, data, subject, protocol=preset, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
-            device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
+            device=device, batch_size=batch_size,
         )
     summary = evaluation.summary()
     if as_json:
@@ -348,14 +364,15 @@ def demo(
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps of the fused and semantic reconstructions.")] = 20,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data, the training and the sampling.")] = 0,
     device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on a synthetic NSD with small models, offline, ending in an HTML report."""
+    _use_threads(threads)
     _refuse_launch("demo")
     from havir.demo import run_demo
 
-    summary = run_demo(out, images=images, epochs=epochs, fused_steps=steps, seed=seed, device=device,
-                       progress=not as_json or sys.stderr.isatty())
+    summary = run_demo(out, images=images, epochs=epochs, fused_steps=steps, seed=seed, device=device)
     if as_json:
         _emit(summary, as_json, "")
         return

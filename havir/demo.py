@@ -106,7 +106,7 @@ def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, im
     trained = train_subject(data, 1, run, config=config, device=device, progress=progress)
     for mode in MODES:
         stage(f"reconstructing the test images ({mode})")
-        reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device)
+        reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device, progress=progress)
     stage("loading the evaluation networks (stand-in only, unless protocol weights are cached)")
     networks, skipped = load_networks(skip_missing=True, standin=True)
     evaluations = {}

@@ -8,6 +8,7 @@ import pytest
 
 from havir.masks import definitions_dir
 from havir.nsd.layout import NSDLayout
+from tests.conftest import without_progress
 
 
 def prepare_args(root, out, *extra):
@@ -17,8 +18,8 @@ def prepare_args(root, out, *extra):
 def assert_user_error(result, *fragments, out=None):
     status, stdout, stderr = result
     assert status == 2, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    lines = without_progress(stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and stderr.strip().endswith(lines[0]), stderr
     assert "Traceback" not in stderr and stdout == ""
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

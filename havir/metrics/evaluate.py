@@ -201,7 +201,7 @@ def score_images(
         per_image = np.concatenate(parts)
         results[name] = MetricScore(name, per_image, interval(per_image), "pixels", True, True)
     wanted = [metric for metric in metrics if metric.network in networks]
-    for network_name in track(list(dict.fromkeys(m.network for m in wanted)), "feature networks", enabled=progress):
+    for network_name in track(list(dict.fromkeys(m.network for m in wanted)), "feature networks", enabled=progress, unit="networks"):
         network = networks[network_name]
         layers = [metric.layer for metric in wanted if metric.network == network_name]
         features: dict[str, list[dict]] = {"truth": [], "recon": []}
@@ -412,6 +412,7 @@ def evaluate_folder(
         "identification": "two-way: fraction of other ground truths i with corr(G_i, R_j) < corr(G_j, R_j), mean over j",
         "bootstrap": {"resamples": resamples, "level": 0.95, "seed": seed},
         "versions": package_versions("torch", "torchvision", "scikit-image", "numpy", "pillow", "transformers", "open_clip_torch"),
+        "threads": torch.get_num_threads(),
     }
     evaluation = Evaluation(nsd_ids, scores, skipped, record)
     if data_protocol["test_images"] != preset.expected_images or data_protocol["sessions"] != preset.expected_sessions:
