@@ -246,7 +246,7 @@ def test_synth_nsd_and_prepare_on_a_real_full_disk(small_nsd, tmp_path, size):
     disk.mkdir()
     script = (
         f"mount -t tmpfs -o size={size} tmpfs {disk} && cd {os.getcwd()} && "
-        f"{sys.executable} -m havir synth-nsd {disk}/nsd --images 40 --sessions 2 2>{tmp_path}/synth.err; echo synth=$?; "
+        f"{sys.executable} -m havir synth-nsd --out {disk}/nsd --images 40 --sessions 2 2>{tmp_path}/synth.err; echo synth=$?; "
         f"{sys.executable} -m havir prepare --nsd-root {root} --subject 1 --out {disk}/data 2>{tmp_path}/prepare.err; echo prepare=$?; "
         f"cat {tmp_path}/synth.err {tmp_path}/prepare.err; find {disk} -name '.*' -o -name '*partial*'"
     )
