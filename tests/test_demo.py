@@ -39,7 +39,8 @@ def test_demo_report_and_outputs(demo_result):
     report = demo_result / "recon" / "fused" / "eval" / "report.html"
     page = report.read_text()
     assert "RANDOM weights" in page and "STAND-IN" in page
-    assert page.count("<img") == 1 + 12 * 4  # chart; stimulus | structural | fused | semantic
+    assert page.count("<img") == 2 + 20 * 4  # chart, training curves; stimulus | structural | fused | semantic, every image
+    assert "Modes compared" in page and "synthetic subject 1" in page
     summary = json.loads((demo_result / "demo.json").read_text())
     assert summary["report"] == str(report)
     assert set(summary["skipped"]) >= {"alexnet2", "clip", "swav"} or not summary["skipped"]

@@ -234,8 +234,19 @@ def load_ground_truth(data: Path, subject: int) -> tuple[np.ndarray, np.ndarray,
     record_path = prepared.with_suffix(".json")
     record = json.loads(record_path.read_text()) if record_path.is_file() else {}
     protocol = {"subject": subject, "sessions": record.get("sessions"), "test_images": int(len(nsd_ids)),
-                "normalisation": prepared_normalisation(prepared)}
+                "normalisation": prepared_normalisation(prepared), "synthetic": _synthetic(record)}
     return nsd_ids, images, protocol
+
+
+def _synthetic(record: dict) -> bool:
+    """Whether prepared data came from ``havir synth-nsd`` (its release holds ``synth_truth.json``)."""
+    root = record.get("nsd_root")
+    return isinstance(root, str) and (Path(root) / "synth_truth.json").is_file()
+
+
+def subject_label(data: dict) -> str:
+    """``"NSD subject 1"``, or ``"synthetic subject 1"`` for data from ``havir synth-nsd``."""
+    return f"{'synthetic' if data.get('synthetic') else 'NSD'} subject {data.get('subject')}"
 
 
 _PNG_NAME = re.compile(r"^(\d+)\.png$")
@@ -463,7 +474,7 @@ def comparison_rows(evaluation: Evaluation, label: str) -> dict:
     data = evaluation.protocol.get("data", {})
     ours = {
         "method": label,
-        "protocol": f"{preset} preset; NSD subject {data.get('subject')}, {data.get('sessions')} sessions, "
+        "protocol": f"{preset} preset; {subject_label(data)}, {data.get('sessions')} sessions, "
                     f"{len(evaluation.nsd_ids)} test images",
     } | {name: evaluation.scores[name].mean for name in PROTOCOL_NAMES if name in evaluation.scores and evaluation.scores[name].protocol}
     same, apart = published_rows(preset)
