@@ -422,7 +422,8 @@ def evaluate_folder(
                      for name, net in networks.items()},
         "identification": "two-way: fraction of other ground truths i with corr(G_i, R_j) < corr(G_j, R_j), mean over j",
         "bootstrap": {"resamples": resamples, "level": 0.95, "seed": seed},
-        "versions": package_versions("torch", "torchvision", "scikit-image", "numpy", "pillow", "transformers", "open_clip_torch"),
+        "versions": package_versions("torch", "torchvision", "scikit-image", "numpy", "scipy", "pillow", "transformers", "diffusers",
+                                     "open_clip_torch"),
         "threads": torch.get_num_threads(),
     }
     evaluation = Evaluation(nsd_ids, scores, skipped, record)

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from havir.metrics.evaluate import evaluate_folder, load_ground_truth
 from havir.metrics.networks import load_protocol_network
@@ -84,7 +85,8 @@ def test_outputs_csv_json_and_report(truth, random_networks, tmp_path):
     record = json.loads((out / "eval.json").read_text())
     low, high = record["intervals_95"]["pixcorr"]
     assert low <= record["metrics"]["pixcorr"] <= high
-    assert record["protocol"]["versions"]["scikit-image"]
+    assert all(record["protocol"]["versions"][name] for name in ("scikit-image", "scipy", "diffusers"))
+    assert record["protocol"]["threads"] == torch.get_num_threads()  # the CPU threads the scores were computed with
     assert [row["method"] for row in record["comparison"]["rows"]][-1] == "this run"
     assert record["protocol"]["preset"] == "mindeye2" and record["protocol"]["record"]["working_resize"]["size"] == 256
     page = (out / "report.html").read_text()
