@@ -89,7 +89,8 @@ def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, im
 
     def stage(text: str) -> None:
         if progress:
-            stderr_console.print(f"[{next(step)}/{stages}] {text}  ({time.perf_counter() - started:.0f} s)", highlight=False)
+            stderr_console.print(f"[{next(step)}/{stages}] {text}  ({time.perf_counter() - started:.0f} s)", highlight=False,
+                                 markup=False, soft_wrap=True)  # one line each, also in a log file
 
     stage("writing a synthetic NSD release")
     synthesize_nsd(nsd, (1,), images, seed)

@@ -59,10 +59,14 @@ def run_cli(capsys):
 PROGRESS_LINE = re.compile(r"^\d\d:\d\d:\d\d (?P<what>.+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \((?P<percent>\d+)%\), [\d.e+]+ \w+/s")
 
 
+#: A stage line of ``havir demo``, e.g. "[3/12] preparing subject 1 (mask, normalise, split)  (5 s)".
+DEMO_STAGE_LINE = re.compile(r"^\[\d+/\d+\] .+  \(\d+ s\)$")
+
+
 def without_progress(stderr: str) -> list[str]:
     """The lines of ``stderr`` that are not progress lines (a user error is one line, after any
     progress made before the error was found)."""
-    return [line for line in stderr.strip().splitlines() if not PROGRESS_LINE.match(line)]
+    return [line for line in stderr.strip().splitlines() if not (PROGRESS_LINE.match(line) or DEMO_STAGE_LINE.match(line))]
 
 
 def json_of(stdout: str) -> dict:
