@@ -14,6 +14,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -30,28 +31,82 @@ from havir.errors import HavirError, InvalidInputError
 from havir.progress import stderr_console
 from havir.validation import Interval, check_options
 
+_HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 app = typer.Typer(
     help="HAVIR: reconstruct seen images from fMRI (Natural Scenes Dataset).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    context_settings=_HELP_OPTIONS,
 )
-masks_app = typer.Typer(help="Build and view per-subject structural and semantic masks.", no_args_is_help=True)
+masks_app = typer.Typer(help="Build and view per-subject structural and semantic masks.", no_args_is_help=True,
+                        context_settings=_HELP_OPTIONS)
 app.add_typer(masks_app, name="masks")
 
 stdout_console = Console(soft_wrap=True)
+
+def _choices(name: str, *words: str) -> type[Enum]:
+    """The words an option takes, as an enumeration: ``--help`` lists them, the shell completes
+    them, and any other word is refused before the command runs. The library checks the same
+    words itself (tests/test_cli.py keeps the two in step)."""
+    return Enum(name, {word: word for word in words}, type=str)
+
+
+Mode = _choices("Mode", "fused", "structural", "semantic")
+Dtype = _choices("Dtype", "auto", "fp32", "bf16", "fp16")
+Scheduler = _choices("Scheduler", "ddim", "pndm", "dpmsolver", "euler")
+Img2ImgStart = _choices("Img2ImgStart", "diffusers", "brain-diffuser")
+TrainModel = _choices("TrainModel", "havir", "ridge")
+PreparedBetas = _choices("PreparedBetas", "auto", "hdf5", "nifti")
+SynthBetas = _choices("SynthBetas", "nifti", "hdf5", "both")
+Normalisation = _choices("Normalisation", "training", "session")
+Protocol = _choices("Protocol", "mindeye2", "brain-diffuser")
+TableFormat = _choices("TableFormat", "markdown", "csv", "latex")
 
 # Options shared by several commands, defined once.
 NSDRootOpt = Annotated[Path, typer.Option("--nsd-root", help="Folder mirroring the NSD release (holds nsddata/, nsddata_betas/, nsddata_stimuli/).")]
 SubjectOpt = Annotated[int, typer.Option("--subject", help="NSD subject, 1..8.")]
 DefinitionOpt = Annotated[Optional[Path], typer.Option("--definition", help="Mask definition TOML (default: masks/subjXX.toml).")]
 VDOpt = Annotated[str, typer.Option("--vd", help="Versatile Diffusion: a local folder, a hub id (via the HF cache), tiny, demo or full-random.")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cuda or cpu.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout; progress stays on stderr.")]
+# cuda:N names one GPU of several, so --device is not an enumeration; its metavar lists the forms.
+DeviceOpt = Annotated[str, typer.Option("--device", metavar="<auto|cpu|cuda|cuda:N>", help="auto (CUDA when available), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[Dtype, typer.Option("--dtype", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 or fp16.")]
+# Flags show no value in --help (metavar ""), as they take none.
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON object on stdout; progress stays on stderr.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads for torch (default: OMP_NUM_THREADS when set, else torch's default). Give each job sharing a machine its share.")]
 
 #: Printed under the traceback of anything that is not a user error.
 BUG_REPORT = "This is a bug in HAVIR, not in your input: please report it with the command and the traceback above."
+
+
+def _print_version(asked: bool) -> None:
+    if asked:
+        from havir import __version__
+
+        print(f"havir {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", metavar="", is_eager=True, callback=_print_version, help="Print HAVIR's version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show the traceback of an error instead of its one line (allowed anywhere on the line).")] = False,
+) -> None:
+    """HAVIR: reconstruct seen images from fMRI (Natural Scenes Dataset)."""
+    # --debug is read (and removed) by main() before the command line is parsed; it is declared
+    # here so that --help lists it.
+
+
+def _deprecated(old: str, new: str) -> None:
+    """One line on stderr for a form that still works but will go."""
+    stderr_console.print(f"warning: {old} is deprecated: write {new}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _use_threads(threads: int | None) -> None:
+    """Check ``--threads`` (before any other work) and apply it."""
+    check_options({"threads": Interval(int, 1, optional=True)}, threads=threads)
+    from havir.devices import use_threads
+
+    use_threads(threads)
 
 
 def _emit(result: dict, as_json: bool, title: str) -> None:
@@ -82,26 +137,42 @@ def _emit(result: dict, as_json: bool, title: str) -> None:
 
 @app.command("synth-nsd")
 def synth_nsd(
-    out: Annotated[Path, typer.Argument(help="Folder to write the miniature NSD release into.")],
-    subjects: Annotated[str, typer.Option("--subjects", help="Comma-separated subjects, e.g. 1,2,5,7.")] = "1",
+    out_argument: Annotated[Optional[Path], typer.Argument(hidden=True, help="Deprecated: use --out.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Folder to write the miniature NSD release into.")] = None,
+    subject: Annotated[Optional[list[int]], typer.Option("--subject", metavar="<int>", help="Subject to simulate, 1..8; repeat it for several (--subject 1 --subject 2); default 1.")] = None,
+    subjects: Annotated[Optional[str], typer.Option("--subjects", hidden=True, help="Deprecated: comma-separated subjects; use --subject once per subject.")] = None,
     images: Annotated[int, typer.Option("--images", help="Images per subject (a tenth are the shared test images).")] = 200,
     seed: Annotated[int, typer.Option("--seed", help="Seed of every random choice.")] = 0,
     image_side: Annotated[int, typer.Option("--image-side", help="Side of the square stimuli in pixels.")] = 64,
     sessions: Annotated[int, typer.Option("--sessions", help="Sessions of a subject who did them all (others have fewer, as in NSD).")] = 4,
-    betas_format: Annotated[str, typer.Option("--betas-format", help="nifti, hdf5 or both.")] = "both",
+    betas_format: Annotated[SynthBetas, typer.Option("--betas-format", help="nifti, hdf5 or both.")] = "both",
     as_json: JsonOpt = False,
 ) -> None:
     """Write a miniature NSD in the release layout, with a simulated brain that encodes the images."""
     from havir.io import output_folder
-    from havir.nsd.synth import synthesize_nsd
+    from havir.nsd.synth import SYNTH_OPTIONS, synthesize_nsd
 
-    try:
-        subject_list = tuple(int(s) for s in subjects.split(","))
-    except ValueError:
-        raise InvalidInputError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
+    # Before the output folder (and any parent of it) is made.
+    check_options(SYNTH_OPTIONS, images=images, seed=seed, image_side=image_side, sessions=sessions)
+    if out_argument is not None:
+        if out is not None and out != out_argument:
+            raise InvalidInputError(f"two output folders given, {out_argument} and --out {out}: give only --out")
+        _deprecated(f"the positional OUT ({out_argument})", f"--out {out_argument}")
+        out = out_argument
+    if out is None:
+        raise InvalidInputError("no output folder: pass --out FOLDER (the miniature NSD is written there)")
+    subject_list = tuple(subject or ())
+    if subjects is not None:
+        if subject:
+            raise InvalidInputError("give the subjects once, as --subject N (repeated), not with --subjects too")
+        try:
+            subject_list = tuple(int(s) for s in subjects.split(","))
+        except ValueError:
+            raise InvalidInputError(f"--subjects must be comma-separated numbers such as 1,2, got {subjects!r}") from None
+        _deprecated(f"--subjects {subjects}", " ".join(f"--subject {s}" for s in subject_list))
     with output_folder(out, recursive=True), stderr_console.status("writing the synthetic NSD"):
         truth = synthesize_nsd(
-            out, subject_list, images, seed, image_side=image_side, sessions=sessions, betas_format=betas_format
+            out, subject_list or (1,), images, seed, image_side=image_side, sessions=sessions, betas_format=betas_format.value
         )
     _emit(truth.to_json() | {"nsd_root": str(out)}, as_json, f"synthetic NSD written to {out}")
 
@@ -140,6 +211,7 @@ def masks_show(
     subject: SubjectOpt,
     out: Annotated[Path, typer.Option("--out", help="PNG file to write.")],
     definition: DefinitionOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Plot both masks on the subject's brain (nilearn) into a PNG."""
     from havir.io import ensure_output_dir
@@ -151,7 +223,11 @@ def masks_show(
     check_subject(subject)  # before the output folder is made
     ensure_output_dir(out.parent)
     layout = NSDLayout(nsd_root)
-    plot_masks(build_masks(layout, subject, definition_for(subject, definition)), layout, out)
+    masks = build_masks(layout, subject, definition_for(subject, definition))
+    plot_masks(masks, layout, out)
+    if as_json:
+        _emit(masks.summary() | {"png": str(out)}, as_json, "")
+        return
     stdout_console.print(str(out))
 
 
@@ -162,17 +238,17 @@ def prepare(
     out: Annotated[Path, typer.Option("--out", help="Output folder (receives subjXX.h5 and subjXX.json).")],
     sessions: Annotated[Optional[int], typer.Option("--sessions", help="Read sessions 1..K (default: all on disk).")] = None,
     definition: DefinitionOpt = None,
-    betas_format: Annotated[str, typer.Option("--betas-format", help="auto (HDF5 where present), hdf5 or nifti.")] = "auto",
+    betas_format: Annotated[PreparedBetas, typer.Option("--betas-format", help="auto (HDF5 where present), hdf5 or nifti.")] = "auto",
     captions_dir: Annotated[Optional[Path], typer.Option("--captions-dir", help="Folder with COCO's captions_*2017.json.")] = None,
-    normalisation: Annotated[str, typer.Option("--normalisation", help="training (z-score with all training trials) or session (with each session's training trials).")] = "training",
+    normalisation: Annotated[Normalisation, typer.Option("--normalisation", help="training (z-score with all training trials) or session (with each session's training trials).")] = "training",
     as_json: JsonOpt = False,
 ) -> None:
     """Mask, normalise and split one subject's betas into a training-ready file."""
     from havir.prepare import prepare_subject
 
     summary = prepare_subject(
-        nsd_root, subject, out, sessions=sessions, definition=definition, betas_format=betas_format,
-        captions_dir=captions_dir, normalisation=normalisation, progress=not as_json or sys.stderr.isatty(),
+        nsd_root, subject, out, sessions=sessions, definition=definition, betas_format=betas_format.value,
+        captions_dir=captions_dir, normalisation=normalisation.value,
     )
     _emit(summary, as_json, f"prepared subj{subject:02d}")
 
@@ -186,14 +262,15 @@ def features(
     dtype: DtypeOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass.")] = 16,
     stimuli: Annotated[Optional[Path], typer.Option("--stimuli", help="nsd_stimuli.hdf5, if not under the NSD root prepare read.")] = None,
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compute and cache the training targets: VAE latents, CLIP image tokens, CLIP text tokens."""
+    _use_threads(threads)
     from havir.features import compute_features
 
     summary = compute_features(
-        data, subject, model=vd, device=device, dtype=dtype, batch_size=batch_size, stimuli=stimuli,
-        progress=not as_json or sys.stderr.isatty(),
+        data, subject, model=vd, device=device, dtype=dtype.value, batch_size=batch_size, stimuli=stimuli,
     )
     _emit(summary, as_json, f"features of subj{subject:02d}")
 
@@ -205,46 +282,51 @@ def train(
     out: Annotated[Path, typer.Option("--out", help="Run folder (an unfinished run there is resumed).")],
     vd: Annotated[Optional[str], typer.Option("--vd", help="Versatile Diffusion the features were computed with (checked).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Training settings (TOML); see havir.train.TrainConfig.")] = None,
-    model: Annotated[str, typer.Option("--model", help="havir (both decoders) or ridge (the baseline).")] = "havir",
+    model: Annotated[TrainModel, typer.Option("--model", help="havir (both decoders) or ridge (the baseline).")] = "havir",
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the Structural Generator and the Semantic Extractor (or the ridge baseline)."""
+    _use_threads(threads)
     from havir.train import TrainConfig, train_subject
 
     settings = TrainConfig.from_toml(config) if config else TrainConfig()
     summary = train_subject(
-        data, subject, out, model=model, config=settings, vd=vd, device=device, progress=not as_json or sys.stderr.isatty()
+        data, subject, out, model=model.value, config=settings, vd=vd, device=device
     )
-    _emit(summary, as_json, f"trained subj{subject:02d} ({model})")
+    _emit(summary, as_json, f"trained subj{subject:02d} ({model.value})")
 
 
 @app.command()
 def reconstruct(
     run: Annotated[Path, typer.Option("--run", help="Folder written by havir train.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for <nsdId>.png and manifest.json (existing PNGs are kept).")],
-    mode: Annotated[str, typer.Option("--mode", help="fused (the method), structural or semantic.")] = "fused",
+    mode: Annotated[Mode, typer.Option("--mode", help="fused (the method), structural or semantic.")] = "fused",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first K test images (by nsdId).")] = None,
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps of the full schedule.")] = 50,
     strength: Annotated[float, typer.Option("--strength", help="How far the structural latent is noised (0..1).")] = 0.75,
     guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
     text_share: Annotated[float, typer.Option("--text-share", help="Text share of the dual guidance (image: 1 - this).")] = 0.4,
     seed: Annotated[int, typer.Option("--seed", help="Run seed; each image's noise comes from it and the nsdId.")] = 0,
-    scheduler: Annotated[str, typer.Option("--scheduler", help="ddim, pndm, dpmsolver or euler.")] = "ddim",
-    img2img_start: Annotated[str, typer.Option("--img2img-start", help="Where the structural latent is noised to: diffusers (t = 721 at 50 steps, strength 0.75) or brain-diffuser (t = 741).")] = "diffusers",
+    scheduler: Annotated[Scheduler, typer.Option("--scheduler", help="ddim, pndm, dpmsolver or euler.")] = "ddim",
+    img2img_start: Annotated[Img2ImgStart, typer.Option("--img2img-start", help="Where the structural latent is noised to: diffusers (t = 721 at 50 steps, strength 0.75) or brain-diffuser (t = 741).")] = "diffusers",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Reconstruct the test images of a trained run with dual-guided Versatile Diffusion."""
+    _use_threads(threads)
     from havir.reconstruct import SamplerSettings, reconstruct_run
 
     settings = SamplerSettings(
-        steps=steps, strength=strength, guidance=guidance, text_share=text_share, seed=seed, scheduler=scheduler,
-        img2img_start=img2img_start,
+        steps=steps, strength=strength, guidance=guidance, text_share=text_share, seed=seed, scheduler=scheduler.value,
+        img2img_start=img2img_start.value,
     )
-    summary = reconstruct_run(run, out, mode=mode, settings=settings, limit=limit, batch_size=batch_size, device=device, dtype=dtype)
+    summary = reconstruct_run(run, out, mode=mode.value, settings=settings, limit=limit, batch_size=batch_size, device=device,
+                              dtype=dtype.value)
     _emit(summary, as_json, f"reconstructions in {out}")
 
 
@@ -267,20 +349,22 @@ def eval_command(
     subject: SubjectOpt,
     out: Annotated[Optional[Path], typer.Option("--out", help="Folder for eval.json, per_image.csv, report.html (default RECON/eval).")] = None,
     weights_dir: Annotated[Optional[Path], typer.Option("--weights-dir", help="Folder holding the feature networks' weight files (looked in first).")] = None,
-    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Score what the weights on this machine allow; list the rest under skipped.")] = False,
-    protocol: Annotated[str, typer.Option("--protocol", help="Evaluation preset: mindeye2 (the published table) or brain-diffuser (its own paper).")] = "mindeye2",
+    skip_missing: Annotated[bool, typer.Option("--skip-missing", metavar="", help="Score what the weights on this machine allow; list the rest under skipped.")] = False,
+    protocol: Annotated[Protocol, typer.Option("--protocol", help="Evaluation preset: mindeye2 (the published table) or brain-diffuser (its own paper).")] = "mindeye2",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass of a feature network.")] = 32,
     device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
+    _use_threads(threads)
     _refuse_launch("eval")
     from havir.devices import resolve_device
     from havir.metrics.evaluate import evaluate_folder
     from havir.metrics.protocols import get_preset
 
     check_options(_EVAL_OPTIONS, batch_size=batch_size)
-    preset = get_preset(protocol)
+    preset = get_preset(protocol.value)
     resolve_device(device)  # a bad --device or --protocol is refused before any image is read
     from havir.io import output_folder
 
@@ -288,13 +372,13 @@ def eval_command(
     with output_folder(out or recon / "eval") if recon.is_dir() else contextlib.nullcontext():
         evaluation = evaluate_folder(
             recon, data, subject, protocol=preset, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
-            device=device, batch_size=batch_size, progress=not as_json or sys.stderr.isatty(),
+            device=device, batch_size=batch_size,
         )
     summary = evaluation.summary()
     if as_json:
         _emit(summary, as_json, "")
         return
-    table = Table("metric", "mean", "95% CI", "network", title=f"{summary['n']} reconstructions of subj{subject:02d} ({protocol} preset)", title_justify="left")
+    table = Table("metric", "mean", "95% CI", "network", title=f"{summary['n']} reconstructions of subj{subject:02d} ({protocol.value} preset)", title_justify="left")
     for name, score in evaluation.scores.items():
         table.add_row(name, f"{score.mean:.4f}", f"[{score.interval[0]:.4f}, {score.interval[1]:.4f}]", score.network)
     stdout_console.print(table)
@@ -309,7 +393,7 @@ def eval_command(
 def table_command(
     evals: Annotated[list[Path], typer.Argument(help="eval.json files (or their folders), one per subject.")],
     method: Annotated[Optional[str], typer.Option("--method", help="Name of the method in the printed row (default: the recorded one).")] = None,
-    style: Annotated[Optional[str], typer.Option("--format", help="markdown, csv or latex (default: a terminal table).")] = None,
+    style: Annotated[Optional[TableFormat], typer.Option("--format", help="markdown, csv or latex (default: a terminal table).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Average several subjects' eval.json into the published-style row, beside the published rows of its preset."""
@@ -320,7 +404,7 @@ def table_command(
         _emit(table.to_json(), as_json, "")
         return
     if style is not None:
-        sys.stdout.write(render(table, style))
+        sys.stdout.write(render(table, style.value))
         return
     header, rows = table_rows(table)
     view = Table(title=f"{table.preset} preset: published rows and the mean over subjects {', '.join(map(str, table.subjects))}",
@@ -348,14 +432,15 @@ def demo(
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps of the fused and semantic reconstructions.")] = 20,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data, the training and the sampling.")] = 0,
     device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on a synthetic NSD with small models, offline, ending in an HTML report."""
+    _use_threads(threads)
     _refuse_launch("demo")
     from havir.demo import run_demo
 
-    summary = run_demo(out, images=images, epochs=epochs, fused_steps=steps, seed=seed, device=device,
-                       progress=not as_json or sys.stderr.isatty())
+    summary = run_demo(out, images=images, epochs=epochs, fused_steps=steps, seed=seed, device=device)
     if as_json:
         _emit(summary, as_json, "")
         return

@@ -98,7 +98,8 @@ def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, im
 
     def stage(text: str) -> None:
         if progress:
-            stderr_console.print(f"[{next(step)}/{stages}] {text}  ({time.perf_counter() - started:.0f} s)", highlight=False)
+            stderr_console.print(f"[{next(step)}/{stages}] {text}  ({time.perf_counter() - started:.0f} s)", highlight=False,
+                                 markup=False, soft_wrap=True)  # one line each, also in a log file
 
     stage("writing a synthetic NSD release")
     synthesize_nsd(nsd, (1,), images, seed)
@@ -118,7 +119,7 @@ def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, im
         trained[name] = train_subject(data, 1, run, config=run_config, device=device, progress=progress)
         for mode in MODES:
             stage(f"reconstructing the test images ({mode}{', null brain' if name == 'null' else ''})")
-            reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device)
+            reconstruct_run(run, recon / mode, mode=mode, settings=settings, device=device, progress=progress)
     stage("loading the evaluation networks (stand-in only, unless protocol weights are cached)")
     networks, skipped = load_networks(skip_missing=True, standin=True)
     evaluations: dict[str, dict] = {name: {} for name in runs}

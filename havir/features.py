@@ -197,7 +197,7 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
         batches = [todo[start : start + batch_size] for start in range(0, len(todo), batch_size)]
         share = iter_stimuli(stimuli, np.concatenate([todo[:0], *batches[launch.process_index :: launch.num_processes]]), block=batch_size)
         rounds = -(-len(batches) // launch.num_processes)
-        for _ in track(range(rounds), f"subj{subject:02d}: features", total=rounds, enabled=progress and launch.is_main_process):
+        for _ in track(range(rounds), f"subj{subject:02d}: features", total=rounds, enabled=progress and launch.is_main_process, unit="batches"):
             block = next(share, None)  # None: this process has no batch in the last round
             encoded = [] if block is None else [_encode_batch(vd, *block, captions, batch_size)]
             written = []

@@ -182,7 +182,7 @@ def _stream_sessions(h5, files, resumed, both, split_of, n_voxels, subject, prog
     columns = {name: slice(end - n_voxels[name], end) for name, end in zip(_SETS, ends)}
     first = sum(b.n_trials for b in files[:resumed])
     written = {split: int(rows[:first].sum()) for split, rows in split_of.items()}
-    for index in track(range(resumed, len(files)), f"subj{subject:02d}: reading sessions", total=len(files) - resumed, enabled=progress):
+    for index in track(range(resumed, len(files)), f"subj{subject:02d}: reading sessions", total=len(files) - resumed, enabled=progress, unit="sessions"):
         betas = files[index]
         session_betas = read_masked_betas(betas, both)
         session_rows = slice(first, first + betas.n_trials)

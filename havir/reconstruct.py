@@ -56,6 +56,7 @@ from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
 from havir.io import atomic_path, output_folder, write_json
+from havir.progress import progress_report
 from havir.models.compat import set_text_share
 from havir.models.encoding import encode_clip_images, encode_clip_texts
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
@@ -281,12 +282,14 @@ def reconstruct(
     batch_size: int = 8,
     limit: int | None = None,
     provenance: dict | None = None,
+    progress: bool = True,
 ) -> dict:
     """Reconstruct every image not already in ``out``; returns the ``--json`` summary.
 
     ``predictions`` holds ``vae_latents`` (n, 4, h, w), ``clip_image`` (n, 257, D) and
     ``clip_text`` (n, 77, D) for ``nsd_ids``; existing ``<nsdId>.png`` files are kept (resume).
-    Under ``accelerate launch``, each process runs every N-th batch.
+    Under ``accelerate launch``, each process runs every N-th batch. ``progress`` reports the
+    images done on stderr (see :func:`havir.progress.progress_report`).
     """
     settings = settings or SamplerSettings()
     check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size)
@@ -306,16 +309,20 @@ def reconstruct(
         launch.wait_for_everyone()  # every process has listed the images to do before any is written
         started = time.perf_counter()
         todo = [rows for rows in batches if missing.intersection(rows)]
+        mine = todo[launch.process_index :: launch.num_processes]
         try:
-            for rows in todo[launch.process_index :: launch.num_processes]:
-                with smaller_batch_on_oom(batch_size):
-                    images = reconstruct_batch(
-                        vd, mode, settings, nsd_ids[rows],
-                        *(torch.as_tensor(predictions[name][rows]) for name in TARGET_NAMES),
-                        unconditional,
-                    )
-                kept = [k for k, row in enumerate(rows) if row in missing]
-                write_images(out, nsd_ids[rows][kept], images[kept])
+            with progress_report(f"{mode} reconstructions", sum(map(len, mine)), unit="images",
+                                 enabled=progress and launch.is_main_process) as report:
+                for rows in mine:
+                    with smaller_batch_on_oom(batch_size):
+                        images = reconstruct_batch(
+                            vd, mode, settings, nsd_ids[rows],
+                            *(torch.as_tensor(predictions[name][rows]) for name in TARGET_NAMES),
+                            unconditional,
+                        )
+                    kept = [k for k, row in enumerate(rows) if row in missing]
+                    write_images(out, nsd_ids[rows][kept], images[kept])
+                    report.advance(len(rows))
         except BaseException:
             if launch.is_main_process and not any(out.glob("*.png")):  # nothing made: leave nothing
                 (out / MADE_WITH).unlink(missing_ok=True)
@@ -327,6 +334,7 @@ def reconstruct(
                 "mode": mode, "settings": asdict(settings), "schedule": schedule_record(vd, settings, mode),
                 "images": [int(nsd_ids[i]) for i in order.tolist()],
                 "batch_size": batch_size, "vd": vd.source, "havir_version": havir.__version__, "torch": torch.__version__,
+                "threads": torch.get_num_threads(),
             } | (provenance or {}))
     return {
         "n_images": len(order), "reconstructed": len(missing), "mode": mode, "seconds": round(seconds, 3),
@@ -389,6 +397,7 @@ def reconstruct_run(
     batch_size: int = 8,
     device: str = "auto",
     dtype: str = "auto",
+    progress: bool = True,
 ) -> dict:
     """Reconstruct a trained run's test images into ``out`` (``<nsdId>.png`` + ``manifest.json``).
 
@@ -403,4 +412,5 @@ def reconstruct_run(
     return reconstruct(
         vd, predictions, nsd_ids, Path(out), mode=mode, settings=settings, batch_size=batch_size, limit=limit,
         provenance={"run": str(Path(run).resolve()), "subject": record["subject"], "model": record["model"]},
+        progress=progress,
     )

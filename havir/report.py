@@ -1,5 +1,7 @@
-"""An HTML report of an evaluation: metrics with intervals, the published rows, a bar chart and
-an image grid (stimulus | each reconstruction mode found beside the scored folder).
+"""An HTML report of an evaluation: metrics with intervals, a chart per kind of metric, the
+modes side by side (when their folders were evaluated too), the training curves of the run that
+made the reconstructions, the published rows, and every test image (stimulus | each
+reconstruction mode found beside the scored folder) with its scores, sortable by any metric.
 
 The report is one self-contained file (images and chart embedded as data URIs), so it opens
 offline, can be mailed, and does not break when the folders move.
@@ -10,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,10 +24,24 @@ from havir.errors import MissingInputError
 from havir.io import atomic_path
 from havir.artifacts.reconstruction import load_reconstructions
 from havir.metrics.records import metric_record
-from havir.metrics.results import PROTOCOL_NAMES, Evaluation, comparison_rows
+from havir.metrics.results import PROTOCOL_NAMES, Evaluation, comparison_rows, subject_label
+from havir.metrics.networks import STANDIN_METRICS
+from havir.metrics.protocols import PROTOCOL_METRICS
 
 #: Column order of the image grid; folders with another mode (or none) follow by name.
 _MODE_ORDER = ("structural", "fused", "semantic")
+
+
+class _Titles(dict):
+    """Every metric's title from its record (``titles[name]`` and ``titles.get(name)`` in templates)."""
+
+    def get(self, name, default=None):
+        return metric_record(name).title
+
+    __getitem__ = get
+
+
+_TITLES = _Titles()
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }
 table { border-collapse: collapse; margin: 1em 0; }
@@ -33,7 +50,34 @@ th:first-child, td:first-child, table:not(.grid) td:last-child { text-align: lef
 .note { background: #fff7e0; border-left: 4px solid #e0a800; padding: 0.5em 1em; }
 .grid td { text-align: center; font-size: 0.8em; }
 .grid img { width: 128px; height: 128px; image-rendering: auto; }
+.grid th.sortable { cursor: pointer; text-decoration: underline dotted; }
 """
+#: Sorts the image grid by a clicked score column: best first, a second click worst first.
+_SORT_SCRIPT = """
+document.querySelectorAll("th.sortable").forEach(function (header) {
+  header.addEventListener("click", function () {
+    var body = document.querySelector("#grid tbody"), key = header.dataset.key;
+    var higher = header.dataset.higher === "1", best = header.dataset.order !== "best";
+    header.dataset.order = best ? "best" : "worst";
+    var rows = Array.from(body.querySelectorAll("tr"));
+    rows.sort(function (a, b) {
+      var d = parseFloat(a.dataset[key]) - parseFloat(b.dataset[key]);
+      return (higher === best) ? -d : d;
+    });
+    rows.forEach(function (row) { body.appendChild(row); });
+    document.getElementById("order").textContent = (best ? "best" : "worst") + " first by " + header.textContent;
+  });
+});
+"""
+
+#: How each metric's score is read: the panels of the chart.
+_KINDS = {
+    "pixel similarity": ("pixcorr", "ssim"),
+    "two-way identification (chance 50%)": tuple(
+        m.name for m in (*PROTOCOL_METRICS, *STANDIN_METRICS) if m.score == "identification"),
+    "feature distance (lower is better)": tuple(
+        m.name for m in (*PROTOCOL_METRICS, *STANDIN_METRICS) if m.score == "distance"),
+}
 
 
 def reconstruction_columns(recon: Path) -> tuple[list[tuple[str, Path]], list[str]]:
@@ -60,42 +104,127 @@ def reconstruction_columns(recon: Path) -> tuple[list[tuple[str, Path]], list[st
 
 
 def _data_uri(image: np.ndarray | bytes, side: int | None = 128) -> str:
+    """A PNG (a chart's bytes) or a thumbnail of an image (uint8 (s, s, 3)) as a data URI.
+
+    Thumbnails are JPEG: every test image is in the report (1000 in NSD, with 3 modes), and a
+    128-px JPEG is a tenth of the PNG's size.
+    """
     if isinstance(image, bytes):
-        payload = image
-    else:
-        picture = PIL.Image.fromarray(image)
-        if side is not None:
-            picture = picture.resize((side, side), PIL.Image.Resampling.BILINEAR)
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        payload = buffer.getvalue()
-    return "data:image/png;base64," + base64.b64encode(payload).decode("ascii")
+        return "data:image/png;base64," + base64.b64encode(image).decode("ascii")
+    picture = PIL.Image.fromarray(image).convert("RGB")
+    if side is not None:
+        picture = picture.resize((side, side), PIL.Image.Resampling.BILINEAR)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="JPEG", quality=85)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def chart_panels(evaluation: Evaluation) -> list[tuple[str, list[str]]]:
+    """The chart's panels: (kind, the metrics of that kind this evaluation has), in ``_KINDS``'
+    order, kinds without a metric left out, metrics of no known kind last under "other"."""
+    panels = [(kind, [n for n in names if n in evaluation.scores]) for kind, names in _KINDS.items()]
+    known = {n for _, names in panels for n in names}
+    panels = [(kind, names) for kind, names in panels if names]
+    if other := [n for n in evaluation.scores if n not in known]:
+        panels.append(("other", other))
+    return panels
+
+
+def chart_title(evaluation: Evaluation) -> str:
+    """The chart's title; it explains red bars only when there are some."""
+    not_protocol = any(not score.protocol for score in evaluation.scores.values())
+    return (f"n = {len(evaluation.nsd_ids)} images; bars: mean with 95% interval"
+            + ("; red: not a protocol network" if not_protocol else ""))
 
 
 def bar_chart(evaluation: Evaluation) -> bytes:
-    """PNG bar chart of every metric with its 95% interval; distances are marked lower-is-better."""
+    """PNG chart of every metric with its 95% interval, one panel per kind of metric (pixel
+    similarity, identification with its 50% chance line, distance), each on its own axis."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(evaluation.scores)
-    means = [evaluation.scores[n].mean for n in names]
-    low = [evaluation.scores[n].mean - evaluation.scores[n].interval[0] for n in names]
-    high = [evaluation.scores[n].interval[1] - evaluation.scores[n].mean for n in names]
-    colours = ["#4c72b0" if evaluation.scores[n].protocol else "#c44e52" for n in names]
-    labels = [metric_record(n).title + ("" if evaluation.scores[n].higher_is_better else "\n(lower better)") for n in names]
-    figure, axes = plt.subplots(figsize=(max(5, 1.1 * len(names)), 3.6), dpi=110)
-    axes.bar(range(len(names)), means, yerr=[low, high], color=colours, capsize=3)
-    axes.set_xticks(range(len(names)), labels, fontsize=8)
-    axes.set_ylim(min(0, min(means) - 0.05), 1.0)
-    axes.set_ylabel("score (fraction)")
-    axes.set_title(f"n = {len(evaluation.nsd_ids)} images; red: not a protocol network", fontsize=9)
+    panels = chart_panels(evaluation)
+    widths = [max(len(names), 2) for _, names in panels]
+    figure, axes_list = plt.subplots(1, len(panels), figsize=(max(4, 1.3 * sum(widths) + 1), 3.6), dpi=110,
+                                     gridspec_kw={"width_ratios": widths}, squeeze=False)
+    for axes, (kind, names) in zip(axes_list[0], panels):
+        scores = [evaluation.scores[n] for n in names]
+        means = [score.mean for score in scores]
+        errors = [[m - score.interval[0] for m, score in zip(means, scores)], [score.interval[1] - m for m, score in zip(means, scores)]]
+        colours = ["#4c72b0" if score.protocol else "#c44e52" for score in scores]
+        axes.bar(range(len(names)), means, yerr=errors, color=colours, capsize=3)
+        axes.set_xticks(range(len(names)), [_TITLES.get(n, n) for n in names], fontsize=8, rotation=20)
+        axes.set_title(textwrap.fill(kind, 24), fontsize=9)
+        top = max(score.interval[1] for score in scores)
+        if kind.startswith("two-way"):
+            axes.axhline(0.5, color="#555", linestyle="--", linewidth=1)
+            axes.set_ylim(0, 1)
+        elif kind.startswith("pixel"):
+            axes.set_ylim(min(0, min(score.interval[0] for score in scores) - 0.05), 1)
+        else:  # distances are not bounded by 1
+            axes.set_ylim(0, max(1.0, 1.1 * top))
+    axes_list[0][0].set_ylabel("score")
+    figure.suptitle(chart_title(evaluation), fontsize=9)
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def training_curves(recon: Path) -> bytes | None:
+    """PNG of the training and validation losses per epoch of the run that made ``recon`` (its
+    manifest names the run; the run's ``metrics.jsonl`` holds one line per epoch), or None when
+    the run is not known or its metrics cannot be read."""
+    try:
+        run = Path(json.loads((Path(recon) / "manifest.json").read_text())["run"])
+        epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        curves = {(split, name): [epoch[f"{split}_loss"][name] for epoch in epochs]
+                  for split in ("train", "val") for name in epochs[0]["train_loss"]}
+        numbers = [epoch["epoch"] for epoch in epochs]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(name for _, name in curves))  # the run's order: structural, semantic
+    figure, axes_list = plt.subplots(1, len(names), figsize=(4 * len(names), 3), dpi=110, squeeze=False)
+    for axes, name in zip(axes_list[0], names):
+        for split, style in (("train", "-"), ("val", "--")):
+            axes.plot(numbers, curves[split, name], style, marker="o", markersize=3, label=split)
+        axes.set_title(f"{name} decoder loss", fontsize=9)
+        axes.set_xlabel("epoch")
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def mode_rows(evaluation: Evaluation, columns: Sequence[tuple[str, Path]], recon: Path) -> tuple[list[dict], list[str]]:
+    """One row per reconstruction mode (label, n, every metric's mean): the scored folder's from
+    ``evaluation``, each sibling's from its own ``eval/eval.json`` when it was evaluated; and a
+    note for each sibling whose record cannot be read."""
+    rows, notes = [], []
+    for label, folder in columns:
+        if Path(folder) == Path(recon):
+            rows.append({"mode": label, "n": len(evaluation.nsd_ids)} | {n: s.mean for n, s in evaluation.scores.items()})
+            continue
+        record = Path(folder) / "eval" / "eval.json"
+        if not record.is_file():
+            continue
+        try:
+            summary = json.loads(record.read_text())
+            means = {str(name): float(detail["mean"]) for name, detail in summary["details"].items()}
+            rows.append({"mode": label, "n": int(summary["n"])} | means)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+            notes.append(f"{record} not compared: it cannot be read ({type(err).__name__})")
+    return (rows if len(rows) > 1 else []), notes
 
 
 def _format(name: str, value: float) -> str:
@@ -108,7 +237,7 @@ _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title><style>{{ style }}</style></head>
 <body>
 <h1>{{ title }}</h1>
-<p>Subject {{ data.subject }}, {{ data.sessions }} sessions, {{ n }} test images; protocol preset
+<p>{{ subject }}, {{ data.sessions }} sessions, {{ n }} test images; protocol preset
 <b>{{ preset }}</b>; scored folder <code>{{ recon }}</code>.</p>
 {% if notes %}<div class="note">{% for note in notes %}<p>{{ note }}</p>{% endfor %}</div>{% endif %}
 <h2>Metrics</h2>
@@ -116,7 +245,14 @@ _PAGE = """<!doctype html>
 {% for row in metric_rows %}<tr>{% for cell in row %}<td>{{ cell }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 {% if skipped %}<p>Skipped:</p><ul>{% for name, reason in skipped.items() %}<li><b>{{ name }}</b>: {{ reason }}</li>{% endfor %}</ul>{% endif %}
-<img src="{{ chart }}" alt="bar chart of the metrics">
+<img src="{{ chart }}" alt="bar charts of the metrics, one per kind">
+{% if modes %}<h2>Modes compared</h2>
+<table id="modes"><tr><th>mode</th><th>n</th>{% for n in mode_names %}<th>{{ titles.get(n, n) }}</th>{% endfor %}</tr>
+{% for row in modes %}<tr><td>{{ row.mode }}</td><td>{{ row.n }}</td>{% for n in mode_names %}<td>{{ fmt(n, row[n]) if n in row else "—" }}</td>{% endfor %}</tr>
+{% endfor %}</table>{% endif %}
+{% if curves %}<h2>Training</h2>
+<p>Losses per epoch of the run that made these reconstructions (<code>metrics.jsonl</code>).</p>
+<img src="{{ curves }}" alt="training and validation losses per epoch">{% endif %}
 <h2>Against published pipelines ({{ preset }} preset)</h2>
 <p>Only rows computed with the same preset are comparable; numbers from another subject, session
 count or image count, or from a network that is not the protocol's, are not comparable either.</p>
@@ -124,10 +260,15 @@ count or image count, or from a network that is not the protocol's, are not comp
 {% if comparison.rows|length > 1 %}{{ table(comparison.rows, "protocol") }}{% else %}<p>No published row was computed with the {{ preset }} preset.</p>{{ table(comparison.rows, "protocol") }}{% endif %}
 {% if comparison.other_presets %}<h3>Rows of other presets (not comparable with this run)</h3>
 {{ table(comparison.other_presets, "reason") }}{% endif %}
-<h2>Reconstructions (first {{ grid_rows|length }} test images)</h2>
-<table class="grid"><tr><th>stimulus</th>{% for label in grid_labels %}<th>{{ label }}</th>{% endfor %}<th>nsdId</th></tr>
-{% for row in grid_rows %}<tr><td><img src="{{ row.stimulus }}" alt="stimulus"></td>{% for label, uri in row.images %}<td><img src="{{ uri }}" alt="{{ label }}"></td>{% endfor %}<td>{{ row.nsd_id }}</td></tr>
-{% endfor %}</table>
+<h2>Reconstructions (all {{ grid_rows|length }} test images)</h2>
+<p>Scores are those of the scored folder ({{ scored_label }}); click a score's heading to sort by it, best
+first, and again for worst first (now: <span id="order">by nsdId</span>). The same numbers are in
+<a href="{{ csv_name }}">{{ csv_name }}</a>.</p>
+<table class="grid" id="grid"><thead><tr><th>stimulus</th>{% for label in grid_labels %}<th>{{ label }}</th>{% endfor %}<th>nsdId</th>
+{% for n in score_names %}<th class="sortable" data-key="{{ n }}" data-higher="{{ 1 if higher[n] else 0 }}">{{ titles.get(n, n) }}</th>{% endfor %}</tr></thead>
+<tbody>{% for row in grid_rows %}<tr{% for n in score_names %} data-{{ n }}="{{ row.scores[n] }}"{% endfor %}><td><img src="{{ row.stimulus }}" alt="stimulus"></td>{% for label, uri in row.images %}<td><img src="{{ uri }}" alt="{{ label }}"></td>{% endfor %}<td>{{ row.nsd_id }}</td>{% for n in score_names %}<td>{{ fmt(n, row.scores[n]) }}</td>{% endfor %}</tr>
+{% endfor %}</tbody></table>
+<script>{{ script }}</script>
 </body></html>
 """
 _COMPARISON = """<table><tr><th>method</th>{% for n in names %}<th>{{ titles[n] }}</th>{% endfor %}<th>{{ last }}</th></tr>
@@ -143,13 +284,14 @@ def write_report(
     *,
     title: str = "HAVIR reconstruction report",
     notes: Sequence[str] = (),
-    grid_images: int = 12,
+    thumbnail_side: int = 128,
 ) -> Path:
-    """Write ``out/report.html`` and ``out/metrics.png`` (the bar chart); returns the report's path.
+    """Write ``out/report.html`` and ``out/metrics.png`` (the bar charts); returns the report's path.
 
     ``ground_truth`` : uint8 (n, s, s, 3) in the order of ``evaluation.nsd_ids``. ``notes`` are
     shown first, in a highlighted box (the demo says there which components are random); notes
-    about sibling folders left out are added to ``evaluation.notes``.
+    about sibling folders left out are added to ``evaluation.notes``. Every test image is in the
+    grid, as a ``thumbnail_side``-pixel JPEG.
     """
     from jinja2 import Environment
 
@@ -159,13 +301,13 @@ def write_report(
         temporary.write_bytes(chart)
 
     metric_rows = [
-        [metric_record(name).title, _format(name, score.mean),
+        [_TITLES.get(name, name), _format(name, score.mean),
          f"[{_format(name, score.interval[0])}, {_format(name, score.interval[1])}]",
          "higher" if score.higher_is_better else "lower", score.network]
         for name, score in evaluation.scores.items()
     ]
     columns, column_notes = reconstruction_columns(recon)
-    shown = np.arange(min(grid_images, len(evaluation.nsd_ids)))
+    shown = np.arange(len(evaluation.nsd_ids))
     column_images = {}
     for label, folder in columns:
         try:
@@ -174,26 +316,35 @@ def write_report(
             continue
         except (ValueError, OSError) as err:  # a broken sibling: shown without it, with a note
             column_notes.append(f"sibling folder {folder} not shown: {err}")
-    evaluation.notes.extend(column_notes)
+    modes, mode_notes = mode_rows(evaluation, [(label, folder) for label, folder in columns if folder in column_images or folder == recon], recon)
+    evaluation.notes.extend(column_notes + mode_notes)
     columns = [(label, folder) for label, folder in columns if folder in column_images]
+    score_names = list(evaluation.scores)
     grid_rows = [
-        {"stimulus": _data_uri(ground_truth[row]), "nsd_id": int(evaluation.nsd_ids[row]),
-         "images": [(label, _data_uri(column_images[folder][row])) for label, folder in columns]}
+        {"stimulus": _data_uri(ground_truth[row], thumbnail_side), "nsd_id": int(evaluation.nsd_ids[row]),
+         "images": [(label, _data_uri(column_images[folder][row], thumbnail_side)) for label, folder in columns],
+         "scores": {name: float(evaluation.scores[name].per_image[row]) for name in score_names}}
         for row in shown
     ]
     environment = Environment(autoescape=True)
     table = environment.from_string(_COMPARISON)
 
     def comparison_table(rows, last):
-        titles = {name: metric_record(name).title for name in PROTOCOL_NAMES}
-        return Markup(table.render(rows=rows, names=PROTOCOL_NAMES, titles=titles, last=last, fmt=_format))
+        return Markup(table.render(rows=rows, names=PROTOCOL_NAMES, titles=_TITLES, last=last, fmt=_format))
 
+    data = evaluation.protocol.get("data", {})
+    curves = training_curves(recon)
     page = environment.from_string(_PAGE).render(
-        title=title, style=Markup(_STYLE), data=evaluation.protocol.get("data", {}), n=len(evaluation.nsd_ids),
+        title=title, style=Markup(_STYLE), data=data, subject=subject_label(data)[:1].upper() + subject_label(data)[1:], n=len(evaluation.nsd_ids),
         preset=evaluation.protocol.get("preset", "mindeye2"), recon=str(recon), notes=[*notes, *evaluation.notes],
         metric_rows=metric_rows, skipped=evaluation.skipped, chart=_data_uri(chart),
-        comparison=comparison_rows(evaluation, "this run"), table=comparison_table,
-        grid_labels=[label for label, _ in columns], grid_rows=grid_rows,
+        modes=modes, mode_names=[n for n in score_names if any(n in row for row in modes)],
+        curves=_data_uri(curves) if curves else None,
+        comparison=comparison_rows(evaluation, "this run"), table=comparison_table, titles=_TITLES, fmt=_format,
+        grid_labels=[label for label, _ in columns], grid_rows=grid_rows, score_names=score_names,
+        higher={n: evaluation.scores[n].higher_is_better for n in score_names},
+        scored_label=evaluation.protocol.get("method", Path(recon).name), csv_name="per_image.csv",
+        script=Markup(_SORT_SCRIPT),
     )
     path = out / "report.html"
     with atomic_path(path) as temporary:

@@ -478,7 +478,9 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
     unsaved_best: dict[str, dict[str, torch.Tensor]] = {}  # best weights not yet on disk (CPU copies)
     checkpointed_epoch, last_checkpoint = state["epoch"], time.perf_counter()
     epochs = range(state["epoch"], config.epochs)
-    for epoch in track(epochs, "training", total=len(epochs), enabled=progress and main):
+    shown: dict[str, dict] = {}  # the last epoch's losses, shown beside the progress
+    for epoch in track(epochs, "training", total=len(epochs), enabled=progress and main, unit="epochs",
+                       status=lambda: _loss_status(shown)):
         epoch_started = time.perf_counter()
         structural.train()
         semantic.train()
@@ -522,6 +524,7 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
                   "seconds": round(time.perf_counter() - epoch_started, 3)}
         state["epoch"] = epoch + 1
         state["last"] = record
+        shown.update(train=train_loss, val=val_losses)
         if time.perf_counter() - last_checkpoint >= 60 * config.checkpoint_minutes or epoch + 1 == config.epochs:
             saving_started = time.perf_counter()
             for name, weights in unsaved_best.items():
@@ -546,6 +549,14 @@ def fit_decoders(dataset: TrainingData, config: TrainConfig, run: Path, device: 
             "test_scores": evaluate(best["structural"], best["semantic"], dataset.test, device),
         }
     return broadcast_object_list([summary])[0]
+
+
+def _loss_status(losses: dict[str, dict]) -> str:
+    """``"loss structural 0.412/0.450, semantic 0.903/0.951 (train/val)"``, or ``""`` before the first epoch."""
+    if not losses:
+        return ""
+    pairs = ", ".join(f"{name} {losses['train'][name]:.4g}/{losses['val'][name]:.4g}" for name in losses["train"])
+    return f"loss {pairs} (train/val)"
 
 
 def _save_checkpoint(folder: Path, structural, semantic, optimizer, schedule, state: dict) -> None:

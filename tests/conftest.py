@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+
+# One CPU thread for torch and BLAS unless the caller chose (read when torch and numpy load, so
+# set before they are imported): the suite's tiny models gain nothing from more, and on a busy
+# machine oversubscribed threads made it 15x slower (issue 18).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 
@@ -46,6 +53,20 @@ def run_cli(capsys):
         return exit_info.value.code, captured.out, captured.err
 
     return run
+
+
+#: A plain progress line (stderr not a terminal), e.g. "22:31:05 training: 6/20 epochs (30%), 1.2 epochs/s, ETA 12s".
+PROGRESS_LINE = re.compile(r"^\d\d:\d\d:\d\d (?P<what>.+): (?P<done>\d+)/(?P<total>\d+) (?P<unit>\w+) \((?P<percent>\d+)%\), [\d.e+]+ \w+/s")
+
+
+#: A stage line of ``havir demo``, e.g. "[3/12] preparing subject 1 (mask, normalise, split)  (5 s)".
+DEMO_STAGE_LINE = re.compile(r"^\[\d+/\d+\] .+  \(\d+ s\)$")
+
+
+def without_progress(stderr: str) -> list[str]:
+    """The lines of ``stderr`` that are not progress lines (a user error is one line, after any
+    progress made before the error was found)."""
+    return [line for line in stderr.strip().splitlines() if not (PROGRESS_LINE.match(line) or DEMO_STAGE_LINE.match(line))]
 
 
 def json_of(stdout: str) -> dict:

@@ -8,6 +8,7 @@ import pytest
 
 from havir.masks import definitions_dir
 from havir.nsd.layout import NSDLayout
+from tests.conftest import without_progress
 
 
 def prepare_args(root, out, *extra):
@@ -17,8 +18,8 @@ def prepare_args(root, out, *extra):
 def assert_user_error(result, *fragments, out=None):
     status, stdout, stderr = result
     assert status == 2, stderr
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    lines = without_progress(stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and stderr.strip().endswith(lines[0]), stderr
     assert "Traceback" not in stderr and stdout == ""
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
@@ -134,7 +135,7 @@ def test_bad_option_value(run_cli, small_nsd, tmp_path):
 
 
 def test_synth_refuses_too_few_images(run_cli, tmp_path):
-    assert_user_error(run_cli("synth-nsd", tmp_path / "nsd", "--images", 5), "--images must be a whole number in [20, 10000]")
+    assert_user_error(run_cli("synth-nsd", "--out", tmp_path / "nsd", "--images", 5), "--images must be a whole number in [20, 10000]")
 
 
 def test_debug_shows_the_traceback(small_nsd, tmp_path):
@@ -153,3 +154,82 @@ def test_masks_build_and_show(run_cli, small_nsd, tmp_path):
     png = tmp_path / "subj01.png"
     status, _, _ = run_cli("masks", "show", "--nsd-root", root, "--subject", 1, "--out", png)
     assert status == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_masks_show_json(run_cli, small_nsd, tmp_path):
+    png = tmp_path / "subj01.png"
+    status, stdout, _ = run_cli("masks", "show", "--nsd-root", small_nsd[0], "--subject", 1, "--out", png, "--json")
+    summary = json.loads(stdout)
+    assert status == 0 and summary["png"] == str(png) and summary["subject"] == 1 and summary["structural_voxels"] > 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_version_and_short_help(run_cli, monkeypatch):
+    import havir
+
+    monkeypatch.setenv("COLUMNS", "200")  # the help's table, unwrapped
+
+    status, stdout, _ = run_cli("--version")
+    assert status == 0 and stdout.strip() == f"havir {havir.__version__}"
+    status, stdout, _ = run_cli("-h")
+    assert status == 0 and "--debug" in stdout and "--version" in stdout and "synth-nsd" in stdout
+    status, stdout, _ = run_cli("reconstruct", "-h")
+    assert status == 0 and "<fused|structural|semantic>" in stdout and "<ddim|pndm|dpmsolver|euler>" in stdout
+    json_row = next(line for line in stdout.splitlines() if "--json" in line)
+    assert "<bool>" not in json_row  # a flag takes no value
+
+
+def test_choice_options_take_the_library_words():
+    """The command line's enumerations and the library's own checks accept the same words."""
+    from havir import cli
+    from havir.devices import DTYPES
+    from havir.metrics.protocols import PRESETS
+    from havir.nsd.synth import SYNTH_OPTIONS
+    from havir.prepare import PREPARE_OPTIONS
+    from havir.reconstruct import IMG2IMG_STARTS, MODES, SCHEDULERS
+    from havir.train import TRAIN_OPTIONS
+
+    def words(enumeration):
+        return [member.value for member in enumeration]
+
+    assert words(cli.Mode) == list(MODES)
+    assert words(cli.Dtype) == ["auto", *DTYPES]
+    assert words(cli.Scheduler) == list(SCHEDULERS)
+    assert words(cli.Img2ImgStart) == list(IMG2IMG_STARTS)
+    assert words(cli.TrainModel) == list(TRAIN_OPTIONS["model"].choices)
+    assert words(cli.PreparedBetas) == list(PREPARE_OPTIONS["betas_format"].choices)
+    assert words(cli.Normalisation) == list(PREPARE_OPTIONS["normalisation"].choices)
+    assert words(cli.SynthBetas) == list(SYNTH_OPTIONS["betas_format"].choices)
+    assert sorted(words(cli.Protocol)) == sorted(PRESETS)
+
+
+def test_choices_are_completed_by_the_shell(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1]), "_HAVIR_COMPLETE": "complete_bash",
+                        "COMP_WORDS": "havir reconstruct --mode ", "COMP_CWORD": "3"}
+    done = subprocess.run([sys.executable, "-m", "havir"], capture_output=True, text=True, env=env, timeout=120)
+    assert done.stdout.split() == ["fused", "structural", "semantic"], done.stdout + done.stderr
+
+
+def test_synth_nsd_old_forms_still_work_with_a_deprecation_line(run_cli, monkeypatch, tmp_path):
+    calls = []
+
+    def fake_synthesize(out, subjects, *args, **kwargs):
+        calls.append((out, subjects))
+        return type("Truth", (), {"to_json": lambda self: {}})()
+
+    monkeypatch.setattr("havir.nsd.synth.synthesize_nsd", fake_synthesize)
+    status, _, stderr = run_cli("synth-nsd", "--out", tmp_path / "new", "--subject", 1, "--subject", 4, "--json")
+    assert status == 0 and stderr == "" and calls[-1] == (tmp_path / "new", (1, 4))
+    status, _, stderr = run_cli("synth-nsd", tmp_path / "old", "--subjects", "1,4", "--json")
+    assert status == 0 and calls[-1] == (tmp_path / "old", (1, 4))
+    assert stderr.splitlines() == [f"warning: the positional OUT ({tmp_path / 'old'}) is deprecated: write --out {tmp_path / 'old'}",
+                                   "warning: --subjects 1,4 is deprecated: write --subject 1 --subject 4"]
+    status, _, stderr = run_cli("synth-nsd", "--out", tmp_path / "x", "--json")
+    assert status == 0 and calls[-1] == (tmp_path / "x", (1,))  # subject 1 by default
+    assert_user_error(run_cli("synth-nsd", "--json"), "no output folder", "--out")
+    assert_user_error(run_cli("synth-nsd", tmp_path / "a", "--out", tmp_path / "b"), "two output folders")

@@ -355,14 +355,14 @@ CASES = [
     Case("reconstruct-guidance-inf", reconstruct("--guidance", "inf"), ("--guidance", "finite"), no_output="recon"),
     Case("reconstruct-steps-zero", reconstruct("--steps", 0), ("--steps", "[1, 1000]"), no_output="recon"),
     Case("reconstruct-text-share", reconstruct("--text-share", -0.1), ("--text-share", "[0, 1]"), no_output="recon"),
-    Case("reconstruct-scheduler", reconstruct("--scheduler", "lms"), ("--scheduler", "ddim, pndm"), no_output="recon"),
-    Case("reconstruct-mode", reconstruct("--mode", "both"), ("--mode", "fused, structural, semantic"), no_output="recon"),
+    Case("reconstruct-scheduler", reconstruct("--scheduler", "lms"), ("--scheduler", "'ddim', 'pndm'"), no_output="recon"),
+    Case("reconstruct-mode", reconstruct("--mode", "both"), ("--mode", "'fused', 'structural', 'semantic'"), no_output="recon"),
     Case("reconstruct-limit-text", reconstruct("--limit", "ten"), ("--limit", "havir reconstruct --help"), no_output="recon"),
     Case("features-batch-size-zero", features("--batch-size", 0), ("--batch-size", ">= 1", "got 0")),
     Case("prepare-sessions-negative", prepare("--sessions", -1), ("--sessions", ">= 1", "-1"), no_output="out"),
-    Case("prepare-betas-format", prepare("--betas-format", "mat"), ("--betas-format", "auto, hdf5, nifti"), no_output="out"),
-    Case("synth-image-side-zero", lambda w: ["synth-nsd", w.scratch / "nsd", "--image-side", 0], ("--image-side", "[16, 1024]"), no_output="nsd"),
-    Case("synth-seed-negative", lambda w: ["synth-nsd", w.scratch / "nsd", "--seed", -1], ("--seed", "got -1"), no_output="nsd"),
+    Case("prepare-betas-format", prepare("--betas-format", "mat"), ("--betas-format", "'auto', 'hdf5', 'nifti'"), no_output="out"),
+    Case("synth-image-side-zero", lambda w: ["synth-nsd", "--out", w.scratch / "nsd", "--image-side", 0], ("--image-side", "[16, 1024]"), no_output="nsd"),
+    Case("synth-seed-negative", lambda w: ["synth-nsd", "--out", w.scratch / "nsd", "--seed", -1], ("--seed", "got -1"), no_output="nsd"),
     Case("demo-epochs-zero", lambda w: ["demo", "--out", w.scratch / "demo", "--epochs", 0], ("--epochs", ">= 1"), no_output="demo"),
     Case("demo-steps-zero", lambda w: ["demo", "--out", w.scratch / "demo", "--steps", 0], ("--steps", "[1, 1000]"), no_output="demo"),
     Case("eval-batch-size-zero", lambda w: ["eval", "--recon", w.scratch, "--data", w.data, "--subject", 1, "--batch-size", 0], ("--batch-size", ">= 1")),
@@ -594,9 +594,11 @@ def test_every_numeric_option_is_checked_before_any_work(command, flag, value, r
     given = {"--nsd-root": tmp_path / "nsd", "--data": tmp_path / "data", "--run": tmp_path / "run",
              "--recon": tmp_path / "recon", "--out": tmp_path / "out" / "x.png", "--subject": 1}
     args = [*command]
+    flags = {option.flag for option in _commands()[command]}
     for option in _commands()[command]:
         if option.flag is None:
-            args.append(tmp_path / "out")
+            if "--out" not in flags:  # synth-nsd's deprecated positional OUT: its --out is given instead
+                args.append(tmp_path / "out")
         elif option.flag != flag and (option.default is inspect.Parameter.empty or option.flag == "--out"):
             args += [option.flag, given[option.flag]]
     status, stdout, stderr = run_cli(*args, flag, value)
@@ -608,7 +610,7 @@ def test_every_numeric_option_is_checked_before_any_work(command, flag, value, r
 
 #: Options that take one of a few words; "bogus" is none of them.
 CHOICE_OPTIONS = ("--device", "--dtype", "--mode", "--scheduler", "--model", "--betas-format", "--normalisation",
-                  "--img2img-start", "--protocol")
+                  "--img2img-start", "--protocol", "--format")
 
 
 def _choice_option_cases():
@@ -679,12 +681,12 @@ def test_library_messages_are_printed_after_success_and_before_a_bug(monkeypatch
     for raised, status in ((None, 0), (InvalidInputError("bad input"), 2)):
         outcome["raise"] = raised
         with pytest.raises(SystemExit) as exit_info:
-            main(["synth-nsd", "somewhere", "--json"])
+            main(["synth-nsd", "--out", "somewhere", "--json"])
         err = capsys.readouterr().err
         assert exit_info.value.code == status
         assert ("a note from nibabel" in err) == (status == 0) and ("error: bad input" in err) == (status == 2)
     outcome["raise"] = RuntimeError("a bug")
     with pytest.raises(RuntimeError, match="a bug"):
-        main(["synth-nsd", "somewhere", "--json"])
+        main(["synth-nsd", "--out", "somewhere", "--json"])
     assert "a note from nibabel" in capsys.readouterr().err
     assert havir.cli.logging.getLogger("nibabel.global").handlers  # its own handler is back

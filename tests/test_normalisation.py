@@ -121,7 +121,7 @@ def test_an_unknown_normalisation_is_refused_before_any_work(_small_nsd, tmp_pat
     root, _ = _small_nsd
     status, _, stderr = run_cli("prepare", "--nsd-root", root, "--subject", 1, "--out", tmp_path / "out", "--normalisation", "run")
     assert status == 2
-    assert "--normalisation must be one of training, session, got 'run'" in stderr and "Traceback" not in stderr
+    assert "'--normalisation': " in stderr and "'run' is not one of 'training', 'session'" in stderr and "Traceback" not in stderr
     assert not (tmp_path / "out").exists()
 
 

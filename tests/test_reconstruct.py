@@ -118,15 +118,17 @@ def test_reconstruct_a_trained_run_from_the_command_line(trainable, tmp_path, ru
     config = tmp_path / "tiny.toml"
     config.write_text('preset = "tiny"\nepochs = 2\nbatch_size = 32\n')
     assert run_cli("train", "--data", data_dir, "--subject", 1, "--out", tmp_path / "run", "--config", config)[0] == 0
-    status, stdout, _ = run_cli("reconstruct", "--run", tmp_path / "run", "--out", tmp_path / "recon", "--steps", 3,
-                                "--limit", 3, "--json")
+    status, stdout, stderr = run_cli("reconstruct", "--run", tmp_path / "run", "--out", tmp_path / "recon", "--steps", 3,
+                                     "--limit", 3, "--threads", 1, "--json")
     assert status == 0
+    assert "fused reconstructions: 3/3 images (100%)" in stderr, stderr  # progress, as plain lines off a terminal
     summary = json.loads(stdout)
     assert {"n_images", "mode", "seconds", "images_per_second"} <= set(summary) and summary["n_images"] == 3
     expected = sorted(int(i) for i in truth.shared_nsd_id)[:3]
     assert sorted(int(p.stem) for p in (tmp_path / "recon").glob("*.png")) == expected
     manifest = json.loads((tmp_path / "recon/manifest.json").read_text())
     assert manifest["settings"]["strength"] == 0.75 and manifest["model"] == "havir"
+    assert manifest["threads"] == 1  # --threads, recorded with the images
 
 
 def test_reconstruct_without_a_finished_run(run_cli, tmp_path):

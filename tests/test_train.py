@@ -91,9 +91,11 @@ def test_havir_and_ridge_from_the_command_line(trainable, tmp_path, run_cli):
     config = tmp_path / "tiny.toml"
     config.write_text('preset = "tiny"\nepochs = 2\nbatch_size = 32\n')
     for model in ("havir", "ridge"):
-        status, stdout, _ = run_cli("train", "--data", data_dir, "--subject", 1, "--out", tmp_path / model,
-                                    "--config", config, "--model", model, "--json")
+        status, stdout, stderr = run_cli("train", "--data", data_dir, "--subject", 1, "--out", tmp_path / model,
+                                         "--config", config, "--model", model, "--json")
         assert status == 0
+        if model == "havir":  # stderr is not a terminal here: plain progress lines, with the losses
+            assert "training: 2/2 epochs (100%)" in stderr and "loss structural " in stderr, stderr
         summary = json.loads(stdout)
         assert {"subject", "model", "epochs", "train_seconds", "test_scores"} <= set(summary)
         assert summary["normalisation"] == "training"  # the prepared data's, recorded with the results

@@ -117,7 +117,7 @@ def score_images(
         results[metric.name] = MetricScore(metric.name, per_image, interval(per_image), "pixels", metric.protocol,
                                            metric.higher_is_better)
     wanted = [metric for metric in metrics if metric.network in networks]
-    for network_name in track(list(dict.fromkeys(m.network for m in wanted)), "feature networks", enabled=progress):
+    for network_name in track(list(dict.fromkeys(m.network for m in wanted)), "feature networks", enabled=progress, unit="networks"):
         network = networks[network_name]
         layers = [metric.layer for metric in wanted if metric.network == network_name]
         features: dict[str, list[dict]] = {"truth": [], "recon": []}
@@ -149,8 +149,14 @@ def load_ground_truth(data: Path, subject: int) -> tuple[np.ndarray, np.ndarray,
     record_file = prepared_record_path(data, subject)
     record = json.loads(record_file.read_text()) if record_file.is_file() else {}
     protocol = {"subject": subject, "sessions": record.get("sessions"), "test_images": int(len(nsd_ids)),
-                "normalisation": prepared_normalisation(prepared)}
+                "normalisation": prepared_normalisation(prepared), "synthetic": _synthetic(record)}
     return nsd_ids, images, protocol
+
+
+def _synthetic(record: dict) -> bool:
+    """Whether prepared data came from ``havir synth-nsd`` (its release holds ``synth_truth.json``)."""
+    root = record.get("nsd_root")
+    return isinstance(root, str) and (Path(root) / "synth_truth.json").is_file()
 
 
 def load_networks(
@@ -240,7 +246,9 @@ def evaluate_folder(
                      for name, net in networks.items()},
         "identification": "two-way: fraction of other ground truths i with corr(G_i, R_j) < corr(G_j, R_j), mean over j",
         "bootstrap": {"resamples": resamples, "level": 0.95, "seed": seed},
-        "versions": package_versions("torch", "torchvision", "scikit-image", "numpy", "pillow", "transformers", "open_clip_torch"),
+        "versions": package_versions("torch", "torchvision", "scikit-image", "numpy", "scipy", "pillow", "transformers", "diffusers",
+                                     "open_clip_torch"),
+        "threads": torch.get_num_threads(),
     }
     evaluation = Evaluation(nsd_ids, scores, skipped, record)
     if data_protocol["test_images"] != preset.expected_images or data_protocol["sessions"] != preset.expected_sessions:

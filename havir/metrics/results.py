@@ -109,6 +109,11 @@ def published_rows(preset: str) -> tuple[list[PublishedRow], list[tuple[Publishe
     return same, apart
 
 
+def subject_label(data: dict) -> str:
+    """``"NSD subject 1"``, or ``"synthetic subject 1"`` for data from ``havir synth-nsd``."""
+    return f"{'synthetic' if data.get('synthetic') else 'NSD'} subject {data.get('subject')}"
+
+
 def comparison_rows(evaluation: Evaluation, label: str) -> dict:
     """This evaluation's row beside the published rows of its own preset; rows of other presets
     are listed apart (``other_presets``), each with the reason."""
@@ -116,7 +121,7 @@ def comparison_rows(evaluation: Evaluation, label: str) -> dict:
     data = evaluation.protocol.get("data", {})
     ours = {
         "method": label,
-        "protocol": f"{preset} preset; NSD subject {data.get('subject')}, {data.get('sessions')} sessions, "
+        "protocol": f"{preset} preset; {subject_label(data)}, {data.get('sessions')} sessions, "
                     f"{len(evaluation.nsd_ids)} test images",
     } | {name: evaluation.scores[name].mean for name in PROTOCOL_NAMES if name in evaluation.scores and evaluation.scores[name].protocol}
     same, apart = published_rows(preset)

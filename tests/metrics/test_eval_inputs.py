@@ -89,10 +89,16 @@ def test_strings_from_the_data_are_escaped_in_the_report(small_eval, tmp_path):
     sibling = recon.parent / "other"
     write_pngs(sibling, NSD_IDS, truth)
     (sibling / "manifest.json").write_text(json.dumps({"mode": "<img src=x onerror=alert('mode')>"}))
+    named = recon.parent / "<b>folder"  # a folder name with markup, evaluated: in the modes table too
+    write_pngs(named, NSD_IDS, truth)
+    (named / "manifest.json").write_text("{}")
+    (named / "eval").mkdir()
+    (named / "eval" / "eval.json").write_text(json.dumps({"n": 4, "details": {"<i>metric": {"mean": 0.5}}}))
     _evaluate(data, recon)
     page = (recon / "eval" / "report.html").read_text()
-    assert "<script>" not in page and "onerror=alert('mode')>" not in page
+    assert "<script>alert" not in page and "onerror=alert('mode')>" not in page
     assert "&lt;script&gt;" in page and "&lt;img src=x onerror" in page
+    assert "<b>folder" not in page and "&lt;b&gt;folder" in page and "<i>metric" not in page
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,13 @@
 
 import csv
 import json
+import re
 import shutil
 
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 from havir.metrics.evaluate import evaluate_folder, load_ground_truth
 from havir.metrics.networks import load_protocol_network
@@ -54,7 +56,8 @@ def test_perfect_reconstructions_score_perfectly(truth, random_networks, tmp_pat
     # Random-weight networks are never reported as protocol numbers.
     assert set(summary["metrics"]) == {"pixcorr", "ssim"}
     assert "RANDOM" in summary["non_protocol_metrics"]["alexnet2"]["network"]
-    assert summary["protocol"]["data"] == {"subject": 1, "sessions": 4, "test_images": 20, "normalisation": "training"}
+    assert summary["protocol"]["data"] == {"subject": 1, "sessions": 4, "test_images": 20, "normalisation": "training",
+                                           "synthetic": True}  # prepared from havir synth-nsd's release
 
 
 def test_shuffled_reconstructions_score_at_chance(truth, random_networks, tmp_path):
@@ -82,13 +85,69 @@ def test_outputs_csv_json_and_report(truth, random_networks, tmp_path):
     record = json.loads((out / "eval.json").read_text())
     low, high = record["intervals_95"]["pixcorr"]
     assert low <= record["metrics"]["pixcorr"] <= high
-    assert record["protocol"]["versions"]["scikit-image"]
+    assert all(record["protocol"]["versions"][name] for name in ("scikit-image", "scipy", "diffusers"))
+    assert record["protocol"]["threads"] == torch.get_num_threads()  # the CPU threads the scores were computed with
     assert [row["method"] for row in record["comparison"]["rows"]][-1] == "this run"
     assert record["protocol"]["preset"] == "mindeye2" and record["protocol"]["record"]["working_resize"]["size"] == 256
     page = (out / "report.html").read_text()
-    assert page.count("<img") == 1 + 12 * 3  # the chart; stimulus | structural | fused for the first 12
+    assert page.count("<img") == 1 + 20 * 3  # the chart; stimulus | structural | fused for every test image
     assert "RANDOM weights" in page and "MindEye2" in page and "40 sessions" in page
+    assert "synthetic subject 1" in page and "NSD subject 1" not in page
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _grid_scores(page: str, name: str) -> list[float]:
+    return [float(v) for v in re.findall(rf'<tr[^>]* data-{name}="([^"]+)"', page)]
+
+
+def test_report_scores_every_image_compares_modes_and_shows_training(truth, random_networks, tmp_path):
+    data, nsd_ids, images = truth
+    rng = np.random.default_rng(2)
+    noisy = np.clip(images + rng.normal(scale=60, size=images.shape), 0, 255).astype(np.uint8)
+    structural = _write_folder(tmp_path / "recon" / "structural", nsd_ids, noisy, mode="structural")
+    recon = _write_folder(tmp_path / "recon" / "fused", nsd_ids, noisy[::-1].copy(), mode="fused")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "train_loss": {"structural": 1 / e, "semantic": 2 / e}, "val_loss": {"structural": 1.5 / e, "semantic": 3 / e}}) + "\n"
+        for e in (1, 2, 3)))
+    (recon / "manifest.json").write_text(json.dumps({"mode": "fused", "run": str(run)}))
+    first = evaluate_folder(structural, data, 1, networks=random_networks, progress=False, resamples=20)
+    page = (structural / "eval" / "report.html").read_text()
+    assert "Modes compared" not in page and "<h2>Training" not in page  # the fused folder is not evaluated yet; no run known
+    evaluation = evaluate_folder(recon, data, 1, networks=random_networks, progress=False, resamples=20)
+    page = (recon / "eval" / "report.html").read_text()
+    # Every test image, with the scored folder's per-image scores, in the evaluation's order.
+    for name in ("pixcorr", "alexnet5", "effnet"):
+        np.testing.assert_allclose(_grid_scores(page, name), evaluation.scores[name].per_image, rtol=1e-6)
+    assert 'data-key="effnet" data-higher="0"' in page and 'data-key="ssim" data-higher="1"' in page  # best first by its direction
+    assert '<a href="per_image.csv">' in page
+    # The modes side by side, each from its own evaluation.
+    modes = page[page.index('<table id="modes">'):]
+    modes = modes[:modes.index("</table>")]
+    rows = re.findall(r"<tr><td>(\w+)</td><td>(\d+)</td>(.*?)</tr>", modes)
+    assert [(mode, n) for mode, n, _ in rows] == [("structural", "20"), ("fused", "20")]
+    assert f"<td>{first.scores['pixcorr'].mean:.3f}</td>" in rows[0][2]
+    assert f"<td>{evaluation.scores['pixcorr'].mean:.3f}</td>" in rows[1][2]
+    assert "<h2>Training</h2>" in page and page.count("<img") == 2 + 20 * 3  # chart, curves, the grid
+
+
+def test_chart_panels_by_kind_and_title():
+    from havir.metrics.evaluate import Evaluation, MetricScore
+    from havir.report import chart_panels, chart_title
+
+    def score(name, protocol=True, higher=True):
+        return MetricScore(name, np.array([0.5, 1.5]), (0.4, 1.6), "net", protocol, higher)
+
+    scores = {n: score(n, higher=n not in ("effnet", "swav")) for n in ("pixcorr", "ssim", "alexnet2", "clip", "effnet", "swav")}
+    evaluation = Evaluation(np.array([1, 2]), scores)
+    assert chart_panels(evaluation) == [("pixel similarity", ["pixcorr", "ssim"]),
+                                        ("two-way identification (chance 50%)", ["alexnet2", "clip"]),
+                                        ("feature distance (lower is better)", ["effnet", "swav"])]
+    assert "red" not in chart_title(evaluation)
+    scores["lite0_identification"] = score("lite0_identification", protocol=False)
+    assert chart_panels(evaluation)[1][1] == ["alexnet2", "clip", "lite0_identification"]
+    assert chart_title(evaluation).endswith("red: not a protocol network")
 
 
 def test_cli_missing_weights_stop_with_one_line(truth, tmp_path, run_cli, offline_caches):

@@ -1,0 +1,40 @@
+"""The package's metadata: dependency bounds that the tested stack satisfies, and a licence."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _pins() -> dict[str, str]:
+    lines = (ROOT / "constraints.txt").read_text().splitlines()
+    return {canonicalize_name(name): version for name, version in
+            (line.split("==") for line in lines if line.strip() and not line.startswith("#"))}
+
+
+def test_every_dependency_is_pinned_and_its_pin_is_allowed():
+    """The tested versions (constraints.txt) satisfy pyproject.toml, and the key packages' lower
+    bounds are the tested major.minor (their APIs move: transformers 4.50 lacked a class HAVIR imports)."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = _pins()
+    requirements = [Requirement(text) for text in project["dependencies"] + project["optional-dependencies"]["test"]]
+    for requirement in requirements:
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue  # tomli, for Python < 3.11
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} is not pinned in constraints.txt"
+        assert requirement.specifier.contains(pins[name]), f"constraints.txt pins {name}=={pins[name]}, outside {requirement}"
+    bounds = {canonicalize_name(r.name): next(s.version for s in r.specifier if s.operator == ">=") for r in requirements}
+    for key in ("torch", "diffusers", "transformers", "nibabel", "nilearn", "huggingface-hub", "typer"):
+        assert bounds[key] == ".".join(pins[key].split(".")[:2]), f"{key}>={bounds[key]}, tested {pins[key]}"
+
+
+def test_mit_licence_is_shipped():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == {"text": "MIT"}
+    assert (ROOT / "LICENSE").read_text().startswith("MIT License")
