@@ -44,6 +44,7 @@ app.add_typer(masks_app, name="masks")
 
 stdout_console = Console(soft_wrap=True)
 
+
 def _choices(name: str, *words: str) -> type[Enum]:
     """The words an option takes, as an enumeration: ``--help`` lists them, the shell completes
     them, and any other word is refused before the command runs. The library checks the same
