@@ -49,7 +49,8 @@ _PAGE = """<!doctype html>
 {% for row in rows %}<tr class="{{ row.run }}"><td>{{ row.run_title }}</td><td>{{ row.mode }}</td>{% for cell in row.cells %}<td>{{ cell }}</td>{% endfor %}</tr>
 {% endfor %}</table>
 <p>Means with 95% bootstrap intervals over images. Chance: identification 50%, content accuracy 25%.
-{{ measure_note }}</p>
+{{ measure_note }} Mini-CLIP identification is one too: two-way identification with the demo's
+miniature CLIP, trained on the same scenes.</p>
 <p>Full evaluation reports: {% for title, link in links %}<a href="{{ link }}">{{ title }}</a>{% if not loop.last %}, {% endif %}{% endfor %}.</p>
 <h2>The first {{ grid|length }} test images</h2>
 <table class="grid"><tr><th>stimulus</th>{% for label in grid_labels %}<th>{{ label }}</th>{% endfor %}</tr>
