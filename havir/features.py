@@ -35,7 +35,7 @@ from havir.artifacts.prepared import prepared_record_path, reading_prepared, req
 from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
-from havir.io import atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder
+from havir.io import MODEL_STACK, atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder, package_versions
 from havir.models.encoding import encode_clip_images, encode_clip_texts, encode_vae_latents
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.layout import check_subject
@@ -184,7 +184,8 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
     with open_h5(partial, "a", needed=row_bytes * len(nsd_ids)) if launch.is_main_process else contextlib.nullcontext() as h5:
         if launch.is_main_process:
             if "done" not in h5:
-                h5.attrs.update(settings=json.dumps(settings.__dict__), format_version=FEATURES_FORMAT, subject=subject)
+                h5.attrs.update(settings=json.dumps(settings.__dict__), format_version=FEATURES_FORMAT, subject=subject,
+                                versions=json.dumps(package_versions(*MODEL_STACK, "h5py")))
                 h5["nsd_id"] = nsd_ids
                 # Checksummed chunks: a chunk damaged by a kill fails its read instead of returning garbage.
                 for name, shape in target_shapes(vd.target_sizes).items():

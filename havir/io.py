@@ -394,6 +394,10 @@ def flush_h5(h5) -> None:
         raise disk_full(folder, needed) from raw.error
 
 
+#: The model stack whose versions every model artefact records (features cache, run, reconstructions).
+MODEL_STACK = ("torch", "diffusers", "transformers", "numpy")
+
+
 def package_versions(*packages: str) -> dict[str, str]:
     """HAVIR's, Python's and ``packages``' versions, for the record every result file keeps."""
     from havir import __version__

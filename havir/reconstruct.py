@@ -55,7 +55,7 @@ from havir.artifacts.run import load_decoders, read_finished_run
 from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
-from havir.io import atomic_path, output_folder, write_json
+from havir.io import MODEL_STACK, atomic_path, output_folder, package_versions, write_json
 from havir.progress import progress_report
 from havir.models.compat import set_text_share
 from havir.models.encoding import encode_clip_images, encode_clip_texts
@@ -334,7 +334,7 @@ def reconstruct(
                 "mode": mode, "settings": asdict(settings), "schedule": schedule_record(vd, settings, mode),
                 "images": [int(nsd_ids[i]) for i in order.tolist()],
                 "batch_size": batch_size, "vd": vd.source, "havir_version": havir.__version__, "torch": torch.__version__,
-                "threads": torch.get_num_threads(),
+                "versions": package_versions(*MODEL_STACK, "pillow"), "threads": torch.get_num_threads(),
             } | (provenance or {}))
     return {
         "n_images": len(order), "reconstructed": len(missing), "mode": mode, "seconds": round(seconds, 3),

@@ -57,7 +57,7 @@ from havir.artifacts.run import load_decoders, save_decoder
 from havir.devices import resolve_device, smaller_batch_on_oom
 from havir.distributed import Shard, batch_shard, processes
 from havir.errors import InvalidInputError, MissingInputError
-from havir.io import atomic_path, output_folder, write_json
+from havir.io import MODEL_STACK, atomic_path, output_folder, package_versions, write_json
 from havir.losses import info_nce, semantic_loss, structural_loss
 from havir.metrics.scores import row_correlations, two_way_identification
 from havir.models.decoders import DECODERS, PRESETS, SemanticExtractor, StructuralGenerator
@@ -391,7 +391,8 @@ def train_subject(
             summary = fit_decoders(dataset, config, run, torch_device, progress=progress)
         if launch.is_main_process:
             summary = {"subject": subject, "model": model, "vd": features_vd, "normalisation": normalisation,
-                       "train_seconds": round(time.perf_counter() - started, 3)} | summary
+                       "train_seconds": round(time.perf_counter() - started, 3),
+                       "versions": package_versions(*MODEL_STACK, "accelerate")} | summary
             write_json(run / "summary.json", summary)
         return broadcast_object_list([summary])[0]  # every process returns it, once it is written
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
+from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -38,3 +40,29 @@ def test_mit_licence_is_shipped():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert project["license"] == {"text": "MIT"}
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
+
+
+def test_model_artefacts_record_the_versions_that_made_them(tmp_path):
+    """The features cache, the run folder and a reconstruction folder each say which torch,
+    diffusers, transformers and numpy made them (issue 18)."""
+    import h5py
+
+    from havir.features import compute_features, features_path
+    from havir.io import MODEL_STACK
+    from havir.nsd.synth import synthesize_nsd
+    from havir.prepare import prepare_subject
+    from havir.reconstruct import reconstruct_run
+    from havir.train import TrainConfig, train_subject
+
+    synthesize_nsd(tmp_path / "nsd", (1,), 60, 0)
+    prepare_subject(tmp_path / "nsd", 1, tmp_path / "data", progress=False)
+    compute_features(tmp_path / "data", 1, model="tiny", progress=False)
+    train_subject(tmp_path / "data", 1, tmp_path / "run", config=TrainConfig(preset="tiny", epochs=1), progress=False)
+    reconstruct_run(tmp_path / "run", tmp_path / "recon", mode="structural", limit=2, device="cpu")
+    with h5py.File(features_path(tmp_path / "data", 1), "r") as h5:
+        recorded = {"features": json.loads(h5.attrs["versions"])}
+    recorded["run"] = json.loads((tmp_path / "run" / "summary.json").read_text())["versions"]
+    recorded["reconstruction"] = json.loads((tmp_path / "recon" / "manifest.json").read_text())["versions"]
+    for artefact, versions in recorded.items():
+        assert {"havir", *MODEL_STACK} <= versions.keys(), artefact
+        assert versions["diffusers"] == metadata.version("diffusers"), artefact
