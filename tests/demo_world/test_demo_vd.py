@@ -81,13 +81,15 @@ def test_text_unet_transformers_are_the_dual_unets_text_branch(demo_vd):
     assert record["history"][-1]["step"] == record["settings"]["steps"]
 
 
-@pytest.mark.parametrize("flow", ["text", "image", "mixed"])
-def test_generated_scenes_follow_their_condition(generated, flow):
+@pytest.mark.parametrize(("flow", "floor"), [("text", 0.75), ("image", 0.85), ("mixed", 0.85)])
+def test_generated_scenes_follow_their_condition(generated, flow, floor):
     """Background read back from scenes generated from noise: far above chance (25%) with the
-    scene's own condition; at chance when each scene gets another scene's condition. (Object
-    kinds are not yet followed well enough to assert: docs/miniature-vd.md has the figures.)"""
+    scene's own condition (measured: 85%, 96%, 96%; unnormalised image embeddings bring the image
+    and mixed flows to 75% and 79%, below their floors); at chance when each scene gets another
+    scene's condition. (Object kinds are not yet followed well enough to assert:
+    docs/miniature-vd.md has the figures.)"""
     true, shuffled = generated[flow, "true"], generated[flow, "shuffled"]
-    assert true["background_correct"].mean() >= 0.7, true["background_correct"].mean()
+    assert true["background_correct"].mean() >= floor, true["background_correct"].mean()
     assert shuffled["background_correct"].mean() <= 0.25 + 0.2
 
 
