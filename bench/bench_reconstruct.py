@@ -1,7 +1,7 @@
 """Benchmark: reconstruction throughput (``havir reconstruct``) against a per-image loop and the
 FLOP floor.
 
-Times :func:`havir.reconstruct.reconstruct_batch` in fused mode (50-step DDIM schedule, strength
+Times Versatile Diffusion's :meth:`~havir.models.versatile.VersatileDiffusion.generate` in fused mode (50-step DDIM schedule, strength
 0.75: 37 denoising steps, guidance 7.5, so two UNet passes per step, then the VAE decode) on a
 batch of random predictions, and its two stages alone (the sampler, the VAE decode); then the
 same reconstruction one image at a time, as a plain diffusers-style loop runs it. Each is the
@@ -29,7 +29,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from havir.devices import describe, matmul_rate, resolve_device, resolve_dtype, timed
 from havir.io import write_json
 from havir.models.versatile import load_versatile_diffusion
-from havir.reconstruct import SamplerSettings, decode, image_noise, reconstruct_batch, sample, unconditional_embeddings
+from havir.models.backbone import SamplerSettings, image_noise
+from havir.models.sampling import decode, sample, unconditional_embeddings
 
 
 def main() -> None:
@@ -59,8 +60,8 @@ def main() -> None:
         "sample": lambda rows: sample(vd, text_embeds[rows], image_embeds[rows], noise[rows], settings,
                                       start_latents=latents[rows], unconditional=unconditional),
         "decode": lambda rows: decode(vd, latents[rows]),
-        "all": lambda rows: reconstruct_batch(vd, "fused", settings, ids[rows], latents[rows], image_embeds[rows],
-                                              text_embeds[rows], unconditional),
+        "all": lambda rows: vd.generate({"vae_latents": latents[rows], "clip_image": image_embeds[rows],
+                                         "clip_text": text_embeds[rows]}, ids[rows], mode="fused", settings=settings),
     }
     rate = matmul_rate(device, dtype)
     figures = {}

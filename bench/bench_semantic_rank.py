@@ -35,7 +35,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 from havir.devices import describe, resolve_device
-from havir.features import encode_clip_images, encode_clip_texts
+from havir.models.encoding import encode_clip_images, encode_clip_texts
 from havir.io import write_json
 from havir.models.decoders import variance_kept_by_rank
 from havir.models.versatile import BUILT_IN, _config, clip_byte_tokenizer, load_versatile_diffusion

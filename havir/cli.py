@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover (older typer)
     from click.exceptions import UsageError
 
 from havir.errors import HavirError, InvalidInputError
+from havir.models.backbone import IMG2IMG_STARTS, MODES, SCHEDULER_NAMES, SamplerSettings
 from havir.progress import stderr_console
 from havir.validation import Interval, check_options
 
@@ -52,10 +53,10 @@ def _choices(name: str, *words: str) -> type[Enum]:
     return Enum(name, {word: word for word in words}, type=str)
 
 
-Mode = _choices("Mode", "fused", "structural", "semantic")
+Mode = _choices("Mode", *MODES)
 Dtype = _choices("Dtype", "auto", "fp32", "bf16", "fp16")
-Scheduler = _choices("Scheduler", "ddim", "pndm", "dpmsolver", "euler")
-Img2ImgStart = _choices("Img2ImgStart", "diffusers", "brain-diffuser")
+Scheduler = _choices("Scheduler", *SCHEDULER_NAMES)
+Img2ImgStart = _choices("Img2ImgStart", *IMG2IMG_STARTS)
 TrainModel = _choices("TrainModel", "havir", "ridge")
 PreparedBetas = _choices("PreparedBetas", "auto", "hdf5", "nifti")
 SynthBetas = _choices("SynthBetas", "nifti", "hdf5", "both")
@@ -299,19 +300,23 @@ def train(
     _emit(summary, as_json, f"trained subj{subject:02d} ({model.value})")
 
 
+#: ``havir reconstruct``'s sampler defaults, read from the settings class.
+_SAMPLER = SamplerSettings()
+
+
 @app.command()
 def reconstruct(
     run: Annotated[Path, typer.Option("--run", help="Folder written by havir train.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for <nsdId>.png and manifest.json (existing PNGs are kept).")],
     mode: Annotated[Mode, typer.Option("--mode", help="fused (the method), structural or semantic.")] = "fused",
     limit: Annotated[Optional[int], typer.Option("--limit", help="Only the first K test images (by nsdId).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="DDIM steps of the full schedule.")] = 50,
-    strength: Annotated[float, typer.Option("--strength", help="How far the structural latent is noised (0..1).")] = 0.75,
-    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = 7.5,
-    text_share: Annotated[float, typer.Option("--text-share", help="Text share of the dual guidance (image: 1 - this).")] = 0.4,
-    seed: Annotated[int, typer.Option("--seed", help="Run seed; each image's noise comes from it and the nsdId.")] = 0,
-    scheduler: Annotated[Scheduler, typer.Option("--scheduler", help="ddim, pndm, dpmsolver or euler.")] = "ddim",
-    img2img_start: Annotated[Img2ImgStart, typer.Option("--img2img-start", help="Where the structural latent is noised to: diffusers (t = 721 at 50 steps, strength 0.75) or brain-diffuser (t = 741).")] = "diffusers",
+    steps: Annotated[int, typer.Option("--steps", help="DDIM steps of the full schedule.")] = _SAMPLER.steps,
+    strength: Annotated[float, typer.Option("--strength", help="How far the structural latent is noised (0..1).")] = _SAMPLER.strength,
+    guidance: Annotated[float, typer.Option("--guidance", help="Classifier-free guidance scale.")] = _SAMPLER.guidance,
+    text_share: Annotated[float, typer.Option("--text-share", help="Text share of the dual guidance (image: 1 - this).")] = _SAMPLER.text_share,
+    seed: Annotated[int, typer.Option("--seed", help="Run seed; each image's noise comes from it and the nsdId.")] = _SAMPLER.seed,
+    scheduler: Annotated[Scheduler, typer.Option("--scheduler", help="ddim, pndm, dpmsolver or euler.")] = _SAMPLER.scheduler,
+    img2img_start: Annotated[Img2ImgStart, typer.Option("--img2img-start", help="Where the structural latent is noised to: diffusers (t = 721 at 50 steps, strength 0.75) or brain-diffuser (t = 741).")] = _SAMPLER.img2img_start,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 8,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -320,7 +325,7 @@ def reconstruct(
 ) -> None:
     """Reconstruct the test images of a trained run with dual-guided Versatile Diffusion."""
     _use_threads(threads)
-    from havir.reconstruct import SamplerSettings, reconstruct_run
+    from havir.reconstruct import reconstruct_run
 
     settings = SamplerSettings(
         steps=steps, strength=strength, guidance=guidance, text_share=text_share, seed=seed, scheduler=scheduler.value,

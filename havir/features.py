@@ -1,6 +1,7 @@
-"""Training targets from Versatile Diffusion's own encoders, and ``havir features``.
+"""``havir features``: the training targets of every image a subject saw, from the backbone's
+own encoders (:meth:`~havir.models.backbone.Backbone.encode_images` and ``encode_texts``).
 
-For each image a subject saw, three targets (the paper's two pathways):
+With Versatile Diffusion (:mod:`havir.models.encoding`), three targets (the paper's two pathways):
 
 * **VAE latent** (Structural Generator's target): ``vae.encode(2x - 1).latent_dist.mode()``
   times the VAE's scaling factor, on the stimulus resized to 512x512 -> (4, 64, 64) (the
@@ -36,12 +37,11 @@ from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
 from havir.io import MODEL_STACK, atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder, package_versions
-from havir.models.encoding import encode_clip_images, encode_clip_texts, encode_vae_latents
-from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
+from havir.models.backbone import Backbone, checked_encoding, load_backbone
 from havir.nsd.layout import check_subject
 from havir.nsd.stimuli import iter_stimuli
 from havir.progress import track
-from havir.targets import TARGET_NAMES, TARGETS, stored_bytes, target_shapes
+from havir.targets import TARGET_NAMES, TARGETS, encoded_from, stored_bytes, target_shapes
 from havir.validation import Interval, Rule, check_options, read_json
 
 @dataclass(frozen=True)
@@ -106,7 +106,8 @@ def compute_features(
     ----------
     data : folder written by ``havir prepare``.
     subject : NSD subject, 1..8.
-    model : Versatile Diffusion to use (see :func:`~havir.models.versatile.load_versatile_diffusion`).
+    model : the backbone (see :func:`~havir.models.backbone.load_backbone`): a Versatile Diffusion
+        folder or hub id, a built-in (``tiny``, ``demo``, ``full-random``), or another registered backbone.
     device : ``"auto"`` (CUDA when available), ``"cuda"`` or ``"cpu"``.
     dtype : ``"auto"`` (bf16 on CUDA, fp32 on CPU), ``"fp32"``, ``"bf16"`` or ``"fp16"``.
     batch_size : images per forward pass; lower it if the GPU runs out of memory.
@@ -125,12 +126,12 @@ def compute_features(
     partial = final.with_name(final.name + ".partial")
     if final.is_file() and _cached(final, settings, nsd_ids):
         return _summary(subject, nsd_ids, len(nsd_ids), settings, torch_device, final, started)
-    vd = load_versatile_diffusion(model, device=torch_device, dtype=torch_dtype, seed=seed)
+    backbone = load_backbone(model, device=torch_device, dtype=torch_dtype, seed=seed)
     launch = processes()
-    row_bytes = stored_bytes(vd.target_sizes)
+    row_bytes = stored_bytes(backbone.target_sizes)
     with output_folder(Path(data), lock=launch.is_main_process, scope=f"subj{subject:02d}"):
         try:
-            resumed = _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size, row_bytes, progress)
+            resumed = _encode_into(partial, backbone, settings, subject, nsd_ids, captions, stimuli, batch_size, row_bytes, progress)
         except Exception as err:
             if is_disk_full(err):  # nothing to resume on a full disk: leave no partial file
                 partial.unlink(missing_ok=True)
@@ -170,7 +171,7 @@ def _resumable(partial: Path, settings: FeatureSettings, nsd_ids: np.ndarray) ->
         return False
 
 
-def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, batch_size, row_bytes, progress) -> int:
+def _encode_into(partial, backbone, settings, subject, nsd_ids, captions, stimuli, batch_size, row_bytes, progress) -> int:
     """Encode every image not yet done into ``partial``; returns how many were already done.
 
     The main process alone opens (and writes) the file; the others send it their batches.
@@ -188,7 +189,7 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
                                 versions=json.dumps(package_versions(*MODEL_STACK, "h5py")))
                 h5["nsd_id"] = nsd_ids
                 # Checksummed chunks: a chunk damaged by a kill fails its read instead of returning garbage.
-                for name, shape in target_shapes(vd.target_sizes).items():
+                for name, shape in target_shapes(backbone.target_sizes).items():
                     h5.create_dataset(name, (len(nsd_ids), *shape), TARGETS[name].stored_dtype, chunks=(1, *shape), fletcher32=True)
                 h5.create_dataset("done", (len(nsd_ids),), bool, fillvalue=False)
             todo = nsd_ids[~h5["done"][()]]
@@ -200,14 +201,13 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
         rounds = -(-len(batches) // launch.num_processes)
         for _ in track(range(rounds), f"subj{subject:02d}: features", total=rounds, enabled=progress and launch.is_main_process, unit="batches"):
             block = next(share, None)  # None: this process has no batch in the last round
-            encoded = [] if block is None else [_encode_batch(vd, *block, captions, batch_size)]
+            encoded = [] if block is None else [_encode_batch(backbone, *block, captions, batch_size)]
             written = []
-            for ids, latents, image_tokens, text_mean in gather_object(encoded):  # this round's batches, all processes'
+            for ids, targets in gather_object(encoded):  # this round's batches, all processes'
                 if launch.is_main_process:
                     rows = np.searchsorted(nsd_ids, ids).tolist()  # ascending, as h5py's fancy indexing requires
-                    h5["vae_latents"][rows] = latents
-                    h5["clip_image"][rows] = image_tokens
-                    h5["clip_text"][rows] = text_mean
+                    for name in TARGET_NAMES:
+                        h5[name][rows] = targets[name]
                     written += rows
             if launch.is_main_process and written:
                 flush_h5(h5)  # the rows reach the file before they are marked done
@@ -216,19 +216,20 @@ def _encode_into(partial, vd, settings, subject, nsd_ids, captions, stimuli, bat
     return len(nsd_ids) - len(todo)
 
 
-def _encode_batch(vd: VersatileDiffusion, ids: np.ndarray, images: np.ndarray, captions: dict[int, list[str]], batch_size: int):
-    """(ids, VAE latents, CLIP image tokens, caption-averaged CLIP text tokens) of one batch, float16 arrays."""
+def _encode_batch(backbone: Backbone, ids: np.ndarray, images: np.ndarray, captions: dict[int, list[str]], batch_size: int):
+    """(ids, {target: float16 array}) of one batch: the image targets of each image, and the text
+    targets averaged over each image's captions."""
+    texts = [text for image in ids.tolist() for text in captions[image]]
     with smaller_batch_on_oom(batch_size):
-        latents = encode_vae_latents(vd, images)
-        image_tokens = encode_clip_images(vd, images)
-        texts = [text for image in ids.tolist() for text in captions[image]]
-        text_tokens = encode_clip_texts(vd, texts)
-    counts = torch.tensor([len(captions[image]) for image in ids.tolist()], device=text_tokens.device)
-    owner = torch.repeat_interleave(torch.arange(len(ids), device=text_tokens.device), counts)
-    text_mean = torch.zeros(len(ids), *text_tokens.shape[1:], device=text_tokens.device, dtype=torch.float32)
-    text_mean.index_add_(0, owner, text_tokens.float())
-    text_mean /= counts.view(-1, 1, 1)
-    return ids, *(t.float().cpu().numpy().astype(np.float16) for t in (latents, image_tokens, text_mean))
+        encoded = checked_encoding(backbone, backbone.encode_images(images), "image", len(ids))
+        per_caption = checked_encoding(backbone, backbone.encode_texts(texts), "text", len(texts))
+    counts = torch.tensor([len(captions[image]) for image in ids.tolist()])
+    owner = torch.repeat_interleave(torch.arange(len(ids)), counts)
+    for name in encoded_from("text"):
+        tokens = per_caption[name].float().cpu()
+        mean = torch.zeros(len(ids), *tokens.shape[1:], dtype=torch.float32).index_add_(0, owner, tokens)
+        encoded[name] = mean / counts.view(-1, *[1] * (tokens.dim() - 1))
+    return ids, {name: encoded[name].float().cpu().numpy().astype(TARGETS[name].stored_dtype) for name in TARGET_NAMES}
 
 
 def _summary(subject, nsd_ids, resumed, settings, device, path, started) -> dict:

@@ -20,9 +20,9 @@ import numpy as np
 import PIL.Image
 from markupsafe import Markup
 
-from havir.errors import MissingInputError
+from havir.artifacts.reconstruction import is_havir_reconstruction, load_reconstructions, read_manifest
+from havir.errors import HavirError, MissingInputError
 from havir.io import atomic_path
-from havir.artifacts.reconstruction import load_reconstructions
 from havir.metrics.records import metric_record
 from havir.metrics.results import PROTOCOL_NAMES, Evaluation, comparison_rows, subject_label
 from havir.metrics.networks import STANDIN_METRICS
@@ -86,13 +86,12 @@ def reconstruction_columns(recon: Path) -> tuple[list[tuple[str, Path]], list[st
     and a note for each sibling left out because its manifest cannot be read. A sibling is only
     shown, never scored, so a broken one never stops the evaluation of ``recon``."""
     recon = Path(recon)
-    folders = [recon] + sorted(p for p in recon.parent.iterdir() if p.is_dir() and p != recon and (p / "manifest.json").is_file())
+    folders = [recon] + sorted(p for p in recon.parent.iterdir() if p.is_dir() and p != recon and is_havir_reconstruction(p))
     columns, notes = [], []
     for folder in folders:
-        manifest = folder / "manifest.json"
         try:
-            mode = json.loads(manifest.read_text()).get("mode", folder.name) if manifest.is_file() else folder.name
-        except (OSError, ValueError, AttributeError) as err:
+            mode = read_manifest(folder).get("mode", folder.name) if is_havir_reconstruction(folder) else folder.name
+        except HavirError as err:
             if folder == recon:
                 mode = folder.name
             else:
@@ -179,12 +178,12 @@ def training_curves(recon: Path) -> bytes | None:
     manifest names the run; the run's ``metrics.jsonl`` holds one line per epoch), or None when
     the run is not known or its metrics cannot be read."""
     try:
-        run = Path(json.loads((Path(recon) / "manifest.json").read_text())["run"])
+        run = Path(read_manifest(recon)["run"])
         epochs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
         curves = {(split, name): [epoch[f"{split}_loss"][name] for epoch in epochs]
                   for split in ("train", "val") for name in epochs[0]["train_loss"]}
         numbers = [epoch["epoch"] for epoch in epochs]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
+    except (HavirError, OSError, ValueError, KeyError, TypeError, IndexError, AttributeError):
         return None
     import matplotlib
 

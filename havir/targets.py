@@ -37,11 +37,14 @@ class TargetSizes:
 @dataclass(frozen=True)
 class Target:
     """One target: ``name`` (its dataset in the features cache and key in every dict of
-    targets), the ``decoder`` that predicts it, its per-image ``shape`` from the backbone's
-    sizes, the ``stored_dtype`` of the cache and the ``dtype`` losses and sampling use."""
+    targets), the ``decoder`` that predicts it, what the backbone encodes it ``from``
+    (``"image"``, or ``"text"``: one per caption, averaged over the image's captions), its
+    per-image ``shape`` from the backbone's sizes, the ``stored_dtype`` of the cache and the
+    ``dtype`` losses and sampling use."""
 
     name: str
     decoder: str
+    encoded_from: str
     shape: Callable[[TargetSizes], tuple[int, ...]]
     description: str
     stored_dtype: type = np.float16  # half the disk; the values are what the fp16/bf16 encoders give
@@ -51,9 +54,9 @@ class Target:
 TARGETS: dict[str, Target] = {
     target.name: target
     for target in (
-        Target("vae_latents", "structural", lambda s: (s.latent_channels, s.latent_side, s.latent_side), "VAE latent"),
-        Target("clip_image", "semantic", lambda s: (s.image_tokens, s.dim), "CLIP image tokens"),
-        Target("clip_text", "semantic", lambda s: (s.text_tokens, s.dim), "CLIP text tokens (mean over the captions)"),
+        Target("vae_latents", "structural", "image", lambda s: (s.latent_channels, s.latent_side, s.latent_side), "VAE latent"),
+        Target("clip_image", "semantic", "image", lambda s: (s.image_tokens, s.dim), "CLIP image tokens"),
+        Target("clip_text", "semantic", "text", lambda s: (s.text_tokens, s.dim), "CLIP text tokens (mean over the captions)"),
     )
 }
 
@@ -64,6 +67,11 @@ TARGET_NAMES: tuple[str, ...] = tuple(TARGETS)
 def targets_of(decoder: str) -> tuple[str, ...]:
     """The names of the targets ``decoder`` (``"structural"`` or ``"semantic"``) predicts, in order."""
     return tuple(name for name, target in TARGETS.items() if target.decoder == decoder)
+
+
+def encoded_from(source: str) -> tuple[str, ...]:
+    """The names of the targets a backbone encodes from ``source`` (``"image"`` or ``"text"``), in order."""
+    return tuple(name for name, target in TARGETS.items() if target.encoded_from == source)
 
 
 def target_shapes(sizes: TargetSizes) -> dict[str, tuple[int, ...]]:

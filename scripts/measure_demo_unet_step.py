@@ -6,7 +6,7 @@ recipe, so that its cost is measured, not guessed. Each step draws fresh scenes,
 the 64-pixel stimulus, text tokens of one caption), then trains one flow, alternating:
 text-to-image (``set_text_share 1``: text tokens, the null image) and image variation (share 0:
 image tokens, the null text), with the condition replaced by the sampler's unconditional
-embeddings (``havir.reconstruct.unconditional_embeddings``) for 10% of the images; epsilon
+embeddings (``havir.models.sampling.unconditional_embeddings``) for 10% of the images; epsilon
 prediction, MSE, timesteps uniform over the scheduler's 1000. Prints the mean seconds per batch
 for the data (VAE + CLIP) and for the UNet step.
 
@@ -28,7 +28,7 @@ from havir.models.encoding import encode_clip_images, encode_clip_texts, encode_
 from havir.models.compat import set_text_share
 from havir.models.versatile import load_versatile_diffusion
 from havir.nsd.scenes import describe_scene, render_scene, sample_scene
-from havir.reconstruct import unconditional_embeddings
+from havir.models.sampling import unconditional_embeddings
 
 CONDITION_DROPOUT = 0.1
 

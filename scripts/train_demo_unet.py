@@ -16,13 +16,13 @@ Recipe (seeded; CPU-feasible on one thread; resumable; docs/miniature-vd.md says
   image UNet's own), or both conditions at a share drawn uniformly in (0, 1) (the sampler mixes at
   0.4; Versatile Diffusion itself trained the two flows apart). The ResNets are shared by all.
 * **condition dropout**: 10% of the images get exactly the sampler's unconditional condition
-  (:func:`havir.reconstruct.unconditional_embeddings`: the tokens of "" and of a mid-grey image),
+  (:func:`havir.models.sampling.unconditional_embeddings`: the tokens of "" and of a mid-grey image),
   so classifier-free guidance has the ``eps_u`` it will be given.
 * **objective**: epsilon prediction, MSE, timesteps uniform over the scheduler's 1000 (the
   ``tiny`` scaled-linear betas); AdamW, linear warm-up then cosine decay, gradients clipped to 1;
   an exponential moving average of the weights (``--ema``) is what is evaluated and shipped.
 * **checks**: every ``--eval-every`` steps, ``--eval-scenes`` held-out scenes (another seed) are
-  generated from pure noise by the sampler HAVIR uses (:func:`havir.reconstruct.sample`, its
+  generated from pure noise by the sampler HAVIR uses (:func:`havir.models.sampling.sample`, its
   default settings) for each flow, decoded, and read by the scene probe: background accuracy
   (chance 25%) and object-kind F1 against the true scenes. A line per flow is printed and kept in
   ``training.json``.
@@ -59,7 +59,8 @@ from havir.io import atomic_path, package_versions, write_json
 from havir.models.compat import UNetFlatConditionModel, make_dual_unet, set_text_share
 from havir.models.versatile import CONFIGS, DEMO_VAE, DEMO_VD, VersatileDiffusion, load_versatile_diffusion
 from havir.nsd.scenes import describe_scene, render_scene, sample_scene
-from havir.reconstruct import SamplerSettings, decode, sample, unconditional_embeddings
+from havir.models.backbone import SamplerSettings
+from havir.models.sampling import decode, sample, unconditional_embeddings
 
 STIMULUS_SIDE = 64
 CHUNK = 256

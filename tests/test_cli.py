@@ -186,7 +186,8 @@ def test_choice_options_take_the_library_words():
     from havir.metrics.protocols import PRESETS
     from havir.nsd.synth import SYNTH_OPTIONS
     from havir.prepare import PREPARE_OPTIONS
-    from havir.reconstruct import IMG2IMG_STARTS, MODES, SCHEDULERS
+    from havir.models.backbone import IMG2IMG_STARTS, MODES
+    from havir.models.sampling import SCHEDULERS
     from havir.train import TRAIN_OPTIONS
 
     def words(enumeration):
@@ -233,3 +234,15 @@ def test_synth_nsd_old_forms_still_work_with_a_deprecation_line(run_cli, monkeyp
     assert status == 0 and calls[-1] == (tmp_path / "x", (1,))  # subject 1 by default
     assert_user_error(run_cli("synth-nsd", "--json"), "no output folder", "--out")
     assert_user_error(run_cli("synth-nsd", tmp_path / "a", "--out", tmp_path / "b"), "two output folders")
+
+
+def test_reconstruct_defaults_are_the_sampler_settings_defaults(run_cli, monkeypatch, tmp_path):
+    """The command line reads its defaults from SamplerSettings (issue 15, item 6), never its own copy."""
+    import havir.reconstruct
+    from havir.models.backbone import SamplerSettings
+
+    received = {}
+    monkeypatch.setattr(havir.reconstruct, "reconstruct_run", lambda run, out, **options: received.update(options) or {})
+    status, _, stderr = run_cli("reconstruct", "--run", tmp_path / "run", "--out", tmp_path / "recon")
+    assert status == 0, stderr
+    assert received["settings"] == SamplerSettings() and received["mode"] == "fused"

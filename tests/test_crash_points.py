@@ -214,7 +214,7 @@ def test_features_stopped_or_damaged_resumes_to_the_same_cache(small_prepared, t
     import havir.features
     from havir.features import compute_features, features_path
 
-    monkeypatch.setattr(havir.features, "load_versatile_diffusion", lambda *args, **kwargs: tiny_vd)
+    monkeypatch.setattr(havir.features, "load_backbone", lambda *args, **kwargs: tiny_vd)
     whole = small_prepared("whole")
     counter = _StopAtWrite(monkeypatch)
     compute_features(whole, 1, model="tiny", batch_size=8, progress=False)

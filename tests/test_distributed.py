@@ -22,6 +22,7 @@ import havir.features
 import havir.train
 from havir.distributed import Shard
 from havir.features import compute_features
+from havir.models.versatile import VersatileDiffusion
 from havir.reconstruct import SamplerSettings, reconstruct_run
 from havir.train import Decoders, TrainConfig, _losses, _tensors, build_decoders, load_training_data, train_subject
 
@@ -133,7 +134,7 @@ def test_features_two_processes_finish_an_interrupted_run_identically(trainable,
     with one_thread():
         reference = compute_features(_prepared_copy(trainable, tmp_path / "one"), 1, model="tiny", progress=False)
         data = _prepared_copy(trainable, tmp_path / "two")
-        restore = interrupt_on_call(havir.features, "encode_clip_texts", 3)  # two of the 13 batches done
+        restore = interrupt_on_call(VersatileDiffusion, "encode_texts", 3)  # two of the 13 batches done
         with pytest.raises(KeyboardInterrupt):
             compute_features(data, 1, model="tiny", progress=False)
         restore()

@@ -11,7 +11,10 @@ import torch
 from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
 
 import havir.features
-from havir.features import compute_features, encode_clip_images, encode_clip_texts, encode_vae_latents, features_path
+import havir.models.versatile
+from havir.features import compute_features, features_path
+from havir.models.encoding import encode_clip_images, encode_clip_texts, encode_vae_latents
+from havir.models.versatile import VersatileDiffusion
 from havir.models.versatile import build_random
 from havir.prepare import prepare_subject
 
@@ -105,7 +108,7 @@ def test_interrupted_run_resumes_and_ends_identical(prepared, interrupt_on_call)
         expected = {name: h5[name][()] for name in ("nsd_id", "vae_latents", "clip_image", "clip_text")}
     features_path(prepared, 1).unlink()
 
-    restore = interrupt_on_call(havir.features, "encode_clip_texts", 3)
+    restore = interrupt_on_call(VersatileDiffusion, "encode_texts", 3)
     with pytest.raises(KeyboardInterrupt):
         compute_features(prepared, 1, model="tiny", batch_size=8, progress=False)
     assert not features_path(prepared, 1).exists(), "an unfinished cache must not take the final name"
@@ -141,7 +144,7 @@ def test_out_of_gpu_memory_names_a_batch_size(run_cli, prepared, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(havir.features, "encode_vae_latents", out_of_memory)
+    monkeypatch.setattr(havir.models.versatile, "encode_vae_latents", out_of_memory)
     status, _, stderr = run_cli("features", "--data", prepared, "--subject", 1, "--vd", "tiny", "--batch-size", 32)
     assert status == 2 and "try --batch-size 16" in stderr
     assert not features_path(prepared, 1).exists()

@@ -389,7 +389,7 @@ CASES = [
     Case("train-out-of-memory", train_config("batch_size = 64\n"), ("out of memory at batch size 64", "batch_size = 32 in the --config"),
          patch=out_of_memory("havir.train", "_losses")),
     Case("reconstruct-out-of-memory", reconstruct("--batch-size", 4, "--limit", 2), ("out of memory at batch size 4", "try --batch-size 2"),
-         no_output="recon", patch=out_of_memory("havir.reconstruct", "reconstruct_batch")),
+         no_output="recon", patch=out_of_memory("havir.models.versatile.VersatileDiffusion", "generate")),
     Case("eval-out-of-memory", ground_truth_as_recon, ("out of memory at batch size 8", "try --batch-size 4"),
          patch=standin_out_of_memory),
     # Item 6: NaN in the inputs is named as such, before the run folder exists.

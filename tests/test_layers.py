@@ -26,7 +26,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess:
 def test_the_package_keeps_its_contracts():
     done = lint_imports(ROOT)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "4 kept, 0 broken" in done.stdout
+    assert "5 kept, 0 broken" in done.stdout
 
 
 def test_a_stage_importing_another_breaks_them(tmp_path):
@@ -39,3 +39,15 @@ def test_a_stage_importing_another_breaks_them(tmp_path):
     assert done.returncode == 1
     assert "Stages are independent" in done.stdout and "BROKEN" in done.stdout
     assert "havir.train -> havir.features" in done.stdout
+
+
+def test_a_stage_reaching_into_versatile_diffusion_breaks_them(tmp_path):
+    """Swapping the backbone stays one new module: ``reconstruct`` calling Versatile Diffusion's
+    sampler directly is reported."""
+    shutil.copytree(ROOT / "havir", tmp_path / "havir", ignore=shutil.ignore_patterns("weights", "*.safetensors", "__pycache__"))
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    reconstruct = tmp_path / "havir" / "reconstruct.py"
+    reconstruct.write_text(reconstruct.read_text() + "\nfrom havir.models.sampling import sample  # noqa: E402\n")
+    done = lint_imports(tmp_path)
+    assert done.returncode == 1
+    assert "see the backbone through its interface" in done.stdout and "havir.reconstruct -> havir.models.sampling" in done.stdout

@@ -10,19 +10,13 @@ import pytest
 import torch
 from diffusers.pipelines.deprecated.versatile_diffusion import VersatileDiffusionDualGuidedPipeline
 
-from havir.features import compute_features, encode_clip_images, encode_clip_texts
+from havir.features import compute_features
 from havir.metrics.scores import row_correlations, two_way_identification
+from havir.models.backbone import SamplerSettings, image_noise
+from havir.models.encoding import encode_clip_images, encode_clip_texts
+from havir.models.sampling import build_scheduler, decode, noised_start, sample
 from havir.models.versatile import build_random, load_versatile_diffusion
-from havir.reconstruct import (
-    SamplerSettings,
-    build_scheduler,
-    decode,
-    image_noise,
-    noised_start,
-    predict_test_set,
-    reconstruct,
-    sample,
-)
+from havir.reconstruct import predict_test_set, reconstruct
 from havir.train import TrainConfig, train_subject
 
 

@@ -191,7 +191,7 @@ def test_full_disk_in_features(small_nsd, tmp_path, run_cli, monkeypatch, failin
     prepare_subject(root, 1, tmp_path / "data", progress=False)
     before = _files(tmp_path / "data")
     tiny = build_random("tiny", seed=0)
-    monkeypatch.setattr(havir.features, "load_versatile_diffusion", lambda *args, **kwargs: tiny)
+    monkeypatch.setattr(havir.features, "load_backbone", lambda *args, **kwargs: tiny)
     monkeypatch.setattr(*(("os.fsync", _no_space) if failing == "fsync" else (havir.io, "_SpaceGuardedFile", _FullAfter)))
     status, _, stderr = run_cli("features", "--data", tmp_path / "data", "--subject", 1, "--vd", "tiny", "--json")
     _one_line_disk_full(status, stderr, tmp_path / "data")
@@ -320,6 +320,7 @@ def test_a_reconstruction_that_fails_before_its_first_image_leaves_no_folder(tmp
     import numpy as np
     import torch
 
+    import havir.models.sampling
     import havir.reconstruct
     from havir.models.versatile import build_random
 
@@ -327,7 +328,7 @@ def test_a_reconstruction_that_fails_before_its_first_image_leaves_no_folder(tmp
     side = tiny.image_side // 8
     predicted = {"vae_latents": torch.zeros(1, 4, side, side), "clip_image": torch.zeros(1, 257, 32),
                  "clip_text": torch.zeros(1, 77, 32)}
-    monkeypatch.setattr(havir.reconstruct, "decode", lambda *a: (_ for _ in ()).throw(MemoryError("out of memory")))
+    monkeypatch.setattr(havir.models.sampling, "decode", lambda *a: (_ for _ in ()).throw(MemoryError("out of memory")))
     with pytest.raises(MemoryError):
         havir.reconstruct.reconstruct(tiny, predicted, np.array([3]), tmp_path / "recon", mode="structural")
     assert not (tmp_path / "recon").exists()

@@ -1,8 +1,15 @@
 """A reconstruction folder: one ``<nsdId>.png`` per test image, written by ``havir reconstruct``
-(with ``manifest.json``) or by any other method, read by ``havir eval`` and the report."""
+or by any other method, read by ``havir eval`` and the report.
+
+``havir reconstruct`` writes ``.havir-reconstruct.json`` first (what its PNGs are made with:
+mode, sampler settings, backbone, run; checked when more images are added), then the PNGs, each
+under a temporary name then renamed, and ``manifest.json`` last, once every image is there
+(the same record plus the images, the schedule that ran and the versions).
+"""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -10,6 +17,13 @@ import numpy as np
 import PIL.Image
 
 from havir.errors import InvalidInputError, MissingInputError
+from havir.io import atomic_path, write_json
+from havir.validation import read_json
+
+#: Written last by ``havir reconstruct``: the folder is complete.
+MANIFEST = "manifest.json"
+#: Written first by ``havir reconstruct``: what the folder's PNGs are made with.
+MADE_WITH = ".havir-reconstruct.json"
 
 _PNG_NAME = re.compile(r"^(\d+)\.png$")
 _CANONICAL = re.compile(r"^(0|[1-9]\d*)\.png$")
@@ -95,3 +109,54 @@ def load_reconstructions(folder: Path, nsd_ids: np.ndarray, *, exact: bool = Tru
     if len({image.shape for image in images}) > 1:
         raise InvalidInputError(f"the reconstructions in {folder} have different sizes: {sorted({i.shape for i in images})}")
     return np.stack(images)
+
+
+def is_havir_reconstruction(folder: Path) -> bool:
+    """Whether ``havir reconstruct`` completed ``folder`` (it holds a manifest)."""
+    return (Path(folder) / MANIFEST).is_file()
+
+
+def read_manifest(folder: Path) -> dict:
+    """The manifest of a folder ``havir reconstruct`` completed (mode, settings, run, model...);
+    a missing or damaged one is one :class:`~havir.errors.HavirError` line."""
+    return read_json(Path(folder) / MANIFEST, what="reconstruction manifest",
+                     fix="run `havir reconstruct` again into this folder to rewrite it")
+
+
+def write_manifest(folder: Path, manifest: dict) -> None:
+    """Write the manifest: the last file, once every image is in ``folder``."""
+    write_json(Path(folder) / MANIFEST, manifest)
+
+
+def begin_reconstruction(folder: Path, made_with: dict, *, record: bool = True) -> None:
+    """Check ``folder`` can take PNGs made with ``made_with`` and, with ``record``, write it there
+    before any PNG is added.
+
+    A folder whose PNGs were made with other settings is refused (the kept PNGs and the new ones
+    would be mixed under one manifest): each key of ``made_with`` that its record holds must be equal.
+    """
+    folder = Path(folder)
+    held_in = next((p for p in (folder / MADE_WITH, folder / MANIFEST) if p.is_file()), None)
+    if held_in is not None and any(folder.glob("*.png")):
+        held = json.loads(held_in.read_text())
+        differs = sorted(key for key in made_with if key in held and held[key] != made_with[key])
+        if differs:
+            raise InvalidInputError(
+                f"{folder} holds reconstructions made with another {', '.join(differs)}: choose another --out, "
+                "or delete its PNGs to make them again"
+            )
+    if record:
+        write_json(folder / MADE_WITH, made_with)
+
+
+def write_reconstructions(folder: Path, nsd_ids, images: np.ndarray) -> None:
+    """One PNG per image, ``<nsdId>.png``, each written under a temporary name then renamed."""
+    for nsd_id, image in zip(np.asarray(nsd_ids).tolist(), images):
+        with atomic_path(Path(folder) / f"{nsd_id}.png") as temporary:
+            PIL.Image.fromarray(image).save(temporary, format="PNG")
+
+
+def abandon_if_empty(folder: Path) -> None:
+    """After a failed start: a folder with no PNG keeps no record of what it was to hold."""
+    if not any(Path(folder).glob("*.png")):
+        (Path(folder) / MADE_WITH).unlink(missing_ok=True)

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from havir.artifacts.prepared import prepared_normalisation, prepared_record_path, require_prepared
-from havir.artifacts.reconstruction import load_reconstructions, read_reconstruction, reconstruction_ids  # noqa: F401
+from havir.artifacts.reconstruction import load_reconstructions, read_manifest, read_reconstruction, reconstruction_ids  # noqa: F401
 from havir.devices import smaller_batch_on_oom
-from havir.errors import InvalidInputError
+from havir.errors import HavirError, InvalidInputError
 from havir.io import atomic_path, package_versions, write_json
 from havir.metrics.networks import (
     STANDIN_METRICS,
@@ -269,9 +269,9 @@ def method_label(recon: Path) -> str:
     """What produced the reconstructions in ``recon``: "<model> (<mode>)" from the manifest
     ``havir reconstruct`` writes, else the folder's name (any other method's folder)."""
     try:
-        manifest = json.loads((Path(recon) / "manifest.json").read_text())
+        manifest = read_manifest(recon)
         return f"{manifest['model']} ({manifest['mode']})"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (HavirError, KeyError):
         return Path(recon).resolve().name
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from havir.metrics.protocols import MINDEYE2, PROTOCOL_METRICS
+from havir.metrics.records import METRICS
 
 #: Metric names in the order of the published tables (``cli.md``'s ``--json`` keys).
 PROTOCOL_NAMES = ("pixcorr", "ssim") + tuple(metric.name for metric in PROTOCOL_METRICS)
@@ -16,8 +17,9 @@ PROTOCOL_NAMES = ("pixcorr", "ssim") + tuple(metric.name for metric in PROTOCOL_
 
 @dataclass(frozen=True)
 class PublishedRow:
-    """One row of a published table: a method's metrics (fractions, as HAVIR reports them), the
-    preset that computed them, and the data protocol (subjects averaged, sessions, images)."""
+    """One row of a published table: a method, the preset that computed its metrics, the data
+    protocol (subjects averaged, sessions, images) and where it was published. Its values are
+    in the metric records (:attr:`~havir.metrics.records.MetricRecord.published`)."""
 
     method: str
     preset: str
@@ -25,7 +27,12 @@ class PublishedRow:
     sessions: int
     images: int
     source: str
-    metrics: dict
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """``{metric: published value}`` (fractions, as HAVIR reports them), in display order."""
+        key = (self.preset, self.method)
+        return {name: record.published[key] for name, record in METRICS.items() if key in record.published}
 
     def protocol(self) -> str:
         subjects = "/".join(str(s) for s in self.subjects)
@@ -36,13 +43,8 @@ _MINDEYE2_TABLE = "MindEye2 paper, Table 1 (every row re-scored by MindEyeV2's f
 #: ``havir-method.md``'s table: NSD, mean of subjects 1, 2, 5, 7, 40 sessions, 1000 test images,
 #: all four rows computed by MindEye2's evaluation code, i.e. the ``mindeye2`` preset.
 PUBLISHED_ROWS = tuple(
-    PublishedRow(method, "mindeye2", (1, 2, 5, 7), 40, 1000, _MINDEYE2_TABLE, dict(zip(PROTOCOL_NAMES, values)))
-    for method, values in (
-        ("MindEye2", (0.322, 0.431, 0.961, 0.986, 0.954, 0.930, 0.619, 0.344)),
-        ("MindEye1", (0.319, 0.360, 0.928, 0.969, 0.946, 0.933, 0.648, 0.377)),
-        ("Brain-Diffuser", (0.273, 0.365, 0.944, 0.966, 0.913, 0.909, 0.728, 0.421)),
-        ("Takagi & Nishimoto", (0.246, 0.410, 0.789, 0.856, 0.838, 0.821, 0.811, 0.504)),
-    )
+    PublishedRow(method, "mindeye2", (1, 2, 5, 7), 40, 1000, _MINDEYE2_TABLE)
+    for method in ("MindEye2", "MindEye1", "Brain-Diffuser", "Takagi & Nishimoto")
 )
 
 

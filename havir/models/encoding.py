@@ -6,15 +6,20 @@ prompts with them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
 import torch
 from diffusers.image_processor import VaeImageProcessor
 
-from havir.models.versatile import TEXT_TOKENS, VersatileDiffusion
+from havir.models.backbone import Images
 
-Images = np.ndarray | Sequence[PIL.Image.Image]
+if TYPE_CHECKING:
+    from havir.models.versatile import VersatileDiffusion
+
+#: CLIP's text context: every caption is 77 tokens (padded or truncated).
+TEXT_TOKENS = 77
 
 
 def _as_pil(images: Images) -> list[PIL.Image.Image]:

@@ -29,8 +29,9 @@ from __future__ import annotations
 import json
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -46,7 +47,10 @@ from transformers import (
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path
 from havir.library_logging import quiet_model_libraries
+from havir.models import sampling
+from havir.models.backbone import Backbone, Images, SamplerSettings, register_backbone
 from havir.models.compat import UNetFlatConditionModel, make_dual_unet
+from havir.models.encoding import TEXT_TOKENS, encode_clip_images, encode_clip_texts, encode_vae_latents
 from havir.targets import TargetSizes
 
 DEFAULT_MODEL = "shi-labs/versatile-diffusion"
@@ -64,15 +68,23 @@ COMPONENTS = ("tokenizer", "image_feature_extractor", "text_encoder", "image_enc
 WEIGHTED = ("text_encoder", "image_encoder", "image_unet", "text_unet", "vae")
 #: Side of the released model's images (VD was trained at 512x512).
 RELEASED_IMAGE_SIDE = 512
-TEXT_TOKENS = 77
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
+@register_backbone
 @dataclass
-class VersatileDiffusion:
-    """The components HAVIR drives. ``image_unet`` is already dual-guided: its transformers take
+class VersatileDiffusion(Backbone):
+    """Versatile Diffusion as HAVIR's backbone (:class:`~havir.models.backbone.Backbone`).
+
+    Its targets: the VAE latent, CLIP image tokens and CLIP text tokens
+    (:mod:`havir.models.encoding`); it generates with the dual-guided sampler
+    (:mod:`havir.models.sampling`). ``image_unet`` is already dual-guided: its transformers take
     the condition tokens [text (77) | image (257)]; ``text_unet`` shares those transformers and is
-    kept only so the model can be saved in the release layout."""
+    kept only so the model can be saved in the release layout.
+    """
+
+    built_in: ClassVar[tuple[str, ...]] = BUILT_IN
+    index_names: ClassVar[tuple[str, ...]] = ("VersatileDiffusionPipeline", "VersatileDiffusionDualGuidedPipeline")
 
     tokenizer: CLIPTokenizer
     image_processor: CLIPImageProcessorPil
@@ -86,6 +98,32 @@ class VersatileDiffusion:
     #: Side of the images it generates and encodes (512 for the released model; the VAE
     #: downsamples 8x, so latents are image_side / 8 square).
     image_side: int = 512
+    #: The sampler's unconditional embeddings, computed once per device and dtype.
+    _unconditional: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_pretrained(cls, model: str | Path = DEFAULT_MODEL, *, device: torch.device | str = "cpu",
+                        dtype: torch.dtype | None = None, seed: int = 0) -> VersatileDiffusion:
+        """:func:`load_versatile_diffusion` (``dtype`` None: float32)."""
+        return load_versatile_diffusion(model, device=device, dtype=dtype or torch.float32, seed=seed)
+
+    def encode_images(self, images: Images) -> dict[str, torch.Tensor]:
+        """``vae_latents`` (n, 4, side / 8, side / 8) and ``clip_image`` (n, 257, D) of uint8 images."""
+        return {"vae_latents": encode_vae_latents(self, images), "clip_image": encode_clip_images(self, images)}
+
+    def encode_texts(self, texts) -> dict[str, torch.Tensor]:
+        """``clip_text`` (n, 77, D), one row per text."""
+        return {"clip_text": encode_clip_texts(self, texts)}
+
+    def generate(self, predictions: dict[str, torch.Tensor], nsd_ids, *, mode: str, settings: SamplerSettings):
+        """The dual-guided sampler (:func:`havir.models.sampling.generate`)."""
+        key = (self.device, self.text_encoder.dtype)
+        if key not in self._unconditional:
+            self._unconditional[key] = sampling.unconditional_embeddings(self)
+        return sampling.generate(self, predictions, nsd_ids, mode=mode, settings=settings, unconditional=self._unconditional[key])
+
+    def generation_record(self, settings: SamplerSettings, mode: str) -> dict:
+        return sampling.schedule_record(self, settings, mode)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {name: getattr(self, name) for name in ("text_encoder", "image_encoder", "image_unet", "vae")}

@@ -14,7 +14,8 @@ from havir.demo_world.probe import PROBE_WEIGHTS, content_scores, load_scene_pro
 from havir.models.compat import DualTransformer2DModel
 from havir.models.versatile import COMPONENTS, DEMO_VD, WEIGHTED, load_versatile_diffusion
 from havir.nsd.scenes import sample_scene
-from havir.reconstruct import SamplerSettings, decode, sample
+from havir.models.backbone import SamplerSettings
+from havir.models.sampling import decode, sample
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 N_SCENES = 48

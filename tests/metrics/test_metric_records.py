@@ -57,3 +57,20 @@ def test_records_give_titles_directions_and_notation():
     assert not metric_record("effnet").higher_is_better and metric_record("clip").higher_is_better
     assert metric_record("inception").column == "Incep" and metric_record("inception").title == "Inception"
     assert metric_record("unregistered").format(None) == "—"
+
+
+def test_published_values_live_in_the_records(monkeypatch):
+    """A metric's published values are part of its record: the published rows (and so the report
+    and ``havir table``) read them from there, a new metric's included."""
+    from havir.metrics.results import PUBLISHED_ROWS, Evaluation, MetricScore, comparison_rows
+
+    mindeye2 = next(row for row in PUBLISHED_ROWS if row.method == "MindEye2")
+    assert mindeye2.metrics["alexnet2"] == 0.961 and mindeye2.metrics["swav"] == 0.344
+    assert list(mindeye2.metrics) == ["pixcorr", "ssim", "alexnet2", "alexnet5", "inception", "clip", "effnet", "swav"]
+    monkeypatch.setitem(METRICS, "mae", ImageMetric("mae", "MAE", "MAE", higher_is_better=False,
+                                                  published={("mindeye2", "MindEye2"): 0.123}))
+    evaluation = Evaluation(np.arange(3), {"pixcorr": MetricScore("pixcorr", np.full(3, 0.2), (0.1, 0.3), "pixels", True, True)},
+                            protocol={"preset": "mindeye2", "data": {"subject": 1, "sessions": 40}})
+    rows = {row["method"]: row for row in comparison_rows(evaluation, "HAVIR")["rows"]}
+    assert rows["MindEye2"]["mae"] == 0.123 and "mae" not in rows["MindEye1"]
+    assert rows["HAVIR"]["pixcorr"] == pytest.approx(0.2)

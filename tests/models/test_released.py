@@ -74,7 +74,7 @@ def test_features_train_and_reconstruct_from_the_release(source, released, small
         assert json.loads(h5.attrs["settings"])["model"] == vd
         ids, latents, image_tokens = h5["nsd_id"][()], h5["vae_latents"][()], h5["clip_image"][()]
     assert latents.shape[1:] == (4, 16, 16) and image_tokens.shape[1:] == (257, 32)
-    from havir.features import encode_clip_images, encode_vae_latents
+    from havir.models.encoding import encode_clip_images, encode_vae_latents
     from havir.nsd.stimuli import iter_stimuli
 
     tiny = build_random("tiny", seed=0)
