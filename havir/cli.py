@@ -277,6 +277,28 @@ def features(
     _emit(summary, as_json, f"features of subj{subject:02d}")
 
 
+EncodeControl = _choices("EncodeControl", "shuffled")
+
+
+@app.command()
+def encode(
+    data: Annotated[Path, typer.Option("--data", help="Folder written by havir prepare and havir features.")],
+    subject: SubjectOpt,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the encoding model (encoder.json, encoder.safetensors, accuracy map).")],
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (split by image) for each voxel's accuracy.")] = 5,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the folds, the search and the control.")] = 0,
+    control: Annotated[Optional[EncodeControl], typer.Option("--control", help="shuffled: the null model (features paired with other images' responses).")] = None,
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit a voxel-wise encoding model: the backbone's image features -> each voxel's response."""
+    _use_threads(threads)
+    from havir.encode import fit_encoder
+
+    summary = fit_encoder(data, subject, out, folds=folds, seed=seed, control=control.value if control else None)
+    _emit(summary, as_json, f"encoding model of subj{subject:02d}")
+
+
 @app.command()
 def train(
     data: Annotated[Path, typer.Option("--data", help="Folder written by havir prepare and havir features.")],
@@ -358,6 +380,7 @@ def eval_command(
     skip_missing: Annotated[bool, typer.Option("--skip-missing", metavar="", help="Score what the weights on this machine allow; list the rest under skipped.")] = False,
     protocol: Annotated[Protocol, typer.Option("--protocol", help="Evaluation preset: mindeye2 (the published table) or brain-diffuser (its own paper).")] = "mindeye2",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass of a feature network.")] = 32,
+    encoder: Annotated[Optional[Path], typer.Option("--encoder", help="Encoding model of this subject (havir encode --out): adds the brain correlations.")] = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -378,7 +401,7 @@ def eval_command(
     with output_folder(out or recon / "eval") if recon.is_dir() else contextlib.nullcontext():
         evaluation = evaluate_folder(
             recon, data, subject, protocol=preset, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
-            device=device, batch_size=batch_size,
+            device=device, batch_size=batch_size, encoder=encoder,
         )
     summary = evaluation.summary()
     if as_json:

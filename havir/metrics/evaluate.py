@@ -18,7 +18,10 @@ import h5py
 import numpy as np
 import torch
 
-from havir.artifacts.prepared import prepared_normalisation, prepared_record_path, require_prepared
+from havir.artifacts.dataset import averaged
+from havir.artifacts.encoder import FEATURE_SPACES, VOXEL_SETS, check_encoder_matches, encoder_features, load_encoder
+from havir.artifacts.features_cache import features_settings, require_features
+from havir.artifacts.prepared import load_split, prepared_normalisation, prepared_record_path, reading_prepared, require_prepared
 from havir.artifacts.reconstruction import load_reconstructions, read_manifest, read_reconstruction, reconstruction_ids  # noqa: F401
 from havir.devices import smaller_batch_on_oom
 from havir.errors import HavirError, InvalidInputError
@@ -38,7 +41,9 @@ from havir.metrics.protocols import (
     pixel_images,
     working_images,
 )
+from havir.metrics.brain import BRAIN_SETS, BrainConsistency, brain_consistency, brain_metric_name
 from havir.metrics.records import image_metrics
+from havir.models.backbone import load_backbone
 from havir.metrics.results import (  # noqa: F401 (also read here by their old path)
     PROTOCOL_NAMES,
     PUBLISHED_ROWS,
@@ -207,6 +212,7 @@ def evaluate_folder(
     report: bool = True,
     notes: Sequence[str] = (),
     progress: bool = True,
+    encoder: Path | None = None,
 ) -> Evaluation:
     """Score the reconstructions in ``recon`` against subject ``subject``'s test images in ``data``
     under the protocol preset ``protocol`` (``mindeye2`` or ``brain-diffuser``) and write
@@ -217,6 +223,10 @@ def evaluate_folder(
     ``networks`` replaces them (the Python API's way to pass other networks; they are labelled
     by their own ``label`` and ``protocol`` flag in every output), and ``skipped`` then lists
     the metrics the caller could not provide, with the reason.
+
+    ``encoder`` (a folder of ``havir encode`` for this subject and features cache) adds the brain
+    correlations (:mod:`havir.metrics.brain`): ``brain_corr_structural``, ``brain_corr_semantic``,
+    per ROI, and their ceilings from the ground-truth stimuli.
     """
     from havir.devices import resolve_device
     from havir.io import ensure_output_dir
@@ -250,7 +260,18 @@ def evaluate_folder(
                                      "open_clip_torch"),
         "threads": torch.get_num_threads(),
     }
+    if encoder is not None:
+        consistency = brain_consistency_of(Path(encoder), data, subject, nsd_ids, truth, reconstructions,
+                                           device=resolve_device(device), batch_size=batch_size)
+        for name in BRAIN_SETS:
+            per_image = consistency.per_image[name]
+            scores[brain_metric_name(name)] = MetricScore(
+                brain_metric_name(name), per_image, bootstrap_interval(per_image, resamples=resamples, seed=seed),
+                f"encoding model ({Path(encoder).resolve()})", False, True,
+            )
     evaluation = Evaluation(nsd_ids, scores, skipped, record)
+    if encoder is not None:
+        evaluation.brain = consistency.record()
     if data_protocol["test_images"] != preset.expected_images or data_protocol["sessions"] != preset.expected_sessions:
         evaluation.notes.append(
             f"this run scored {data_protocol['test_images']} images of {data_protocol['sessions']} sessions; the "
@@ -263,6 +284,39 @@ def evaluate_folder(
         write_report(evaluation, truth, Path(recon), out, notes=notes)
     write_evaluation(evaluation, out)
     return evaluation
+
+
+def brain_consistency_of(encoder: Path, data: Path, subject: int, nsd_ids: np.ndarray, truth: np.ndarray,
+                         reconstructions: np.ndarray, *, device: torch.device, batch_size: int = 32) -> BrainConsistency:
+    """The brain correlations of ``reconstructions`` (rows of ``nsd_ids``) under the encoding model
+    in ``encoder``, which must be this subject's, on these voxels and this features cache's backbone."""
+    model = load_encoder(encoder)
+    prepared = require_prepared(data, subject)
+    with reading_prepared(prepared) as h5:
+        voxels = {name: h5[f"voxels/{name}"][()] for name in VOXEL_SETS}
+    settings = features_settings(require_features(data, subject), ("model", "dtype", "seed"))
+    check_encoder_matches(model, subject, voxels, settings)
+    test = load_split(prepared, "test")
+    measured, measured_ids = averaged(np.concatenate([getattr(test, name) for name in VOXEL_SETS], axis=1), test.nsd_id)
+    if not np.isin(nsd_ids, measured_ids).all():
+        raise InvalidInputError(f"{prepared} lacks the test betas of some scored images: run `havir prepare` again")
+    measured = measured[np.searchsorted(measured_ids, nsd_ids)]
+    backbone = load_backbone(settings["model"], device=device, dtype=getattr(torch, settings["dtype"]), seed=settings["seed"])
+
+    def predicted(images: np.ndarray) -> np.ndarray:
+        spaces: dict[str, list[np.ndarray]] = {space: [] for space in FEATURE_SPACES}
+        for start in range(0, len(images), batch_size):
+            with smaller_batch_on_oom(batch_size):
+                encoded = backbone.encode_images(images[start : start + batch_size])
+            for space, values in encoder_features({k: v.float().cpu().numpy() for k, v in encoded.items()}).items():
+                spaces[space].append(values)
+        return model.predict({space: np.concatenate(parts) for space, parts in spaces.items()})
+
+    return brain_consistency(
+        predicted(reconstructions), predicted(truth), measured, {name: model.columns(name) for name in VOXEL_SETS}, model.rois,
+        encoder={"path": str(Path(encoder).resolve()), "control": model.record["fit"].get("control"),
+                 "cv_r_mean": model.record["summary"]["cv_r_mean"]},
+    )
 
 
 def method_label(recon: Path) -> str:

@@ -11,6 +11,8 @@ import numpy as np
 from havir.metrics.protocols import MINDEYE2, PROTOCOL_METRICS
 from havir.metrics.records import METRICS
 
+#: The names of the brain correlations (:mod:`havir.metrics.brain`) start with this.
+BRAIN_PREFIX = "brain_corr_"
 #: Metric names in the order of the published tables (``cli.md``'s ``--json`` keys).
 PROTOCOL_NAMES = ("pixcorr", "ssim") + tuple(metric.name for metric in PROTOCOL_METRICS)
 
@@ -82,26 +84,32 @@ class Evaluation:
     protocol: dict = field(default_factory=dict)
     outputs: dict[str, Path] = field(default_factory=dict)  # files written, by kind
     notes: list[str] = field(default_factory=list)
+    #: With an encoding model: ceilings, ratios, per-ROI values (:mod:`havir.metrics.brain`).
+    brain: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         """The ``--json`` object of ``cli.md``: n, metrics (fractions), skipped, protocol, intervals.
 
-        ``metrics`` holds only numbers computed with the protocol's networks; anything else
-        (random weights, the demo's stand-in) is under ``non_protocol_metrics`` with its network.
+        ``metrics`` holds the numbers computed with the protocol's networks, and the brain
+        correlations (``brain_corr_*``, per ROI under ``brain_corr_rois``) when an encoding model
+        scored them; anything else (random weights, the demo's stand-in) is under
+        ``non_protocol_metrics`` with its network.
         """
+        brain = {name for name in self.scores if name.startswith(BRAIN_PREFIX)}
         return {
             "n": len(self.nsd_ids),
-            "metrics": {name: round(score.mean, 6) for name, score in self.scores.items() if score.protocol},
+            "metrics": {name: round(score.mean, 6) for name, score in self.scores.items() if score.protocol or name in brain}
+            | ({f"{BRAIN_PREFIX}rois": {k: round(v, 6) for k, v in self.brain["rois"].items()}} if self.brain else {}),
             "non_protocol_metrics": {
                 name: {"value": round(score.mean, 6), "network": score.network}
-                for name, score in self.scores.items() if not score.protocol
+                for name, score in self.scores.items() if not score.protocol and name not in brain
             },
             "intervals_95": {name: [round(v, 6) for v in score.interval] for name, score in self.scores.items()},
             "skipped": self.skipped,
             "notes": self.notes,
             "protocol": self.protocol,
             "outputs": {kind: str(path) for kind, path in self.outputs.items()},
-        }
+        } | ({"brain_consistency": self.brain} if self.brain else {})
 
 
 def published_rows(preset: str) -> tuple[list[PublishedRow], list[tuple[PublishedRow, str]]]:
