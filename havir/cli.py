@@ -340,6 +340,8 @@ def reconstruct(
     scheduler: Annotated[Scheduler, typer.Option("--scheduler", help="ddim, pndm, dpmsolver or euler.")] = _SAMPLER.scheduler,
     img2img_start: Annotated[Img2ImgStart, typer.Option("--img2img-start", help="Where the structural latent is noised to: diffusers (t = 721 at 50 steps, strength 0.75) or brain-diffuser (t = 741).")] = _SAMPLER.img2img_start,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch.")] = 8,
+    candidates: Annotated[int, typer.Option("--candidates", help="Samples per image; with --encoder, keep the one whose predicted brain activity best matches the measured.")] = 1,
+    encoder: Annotated[Optional[Path], typer.Option("--encoder", help="Encoding model of the run's subject (havir encode --out), which chooses among --candidates.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     threads: ThreadsOpt = None,
@@ -354,7 +356,7 @@ def reconstruct(
         img2img_start=img2img_start.value,
     )
     summary = reconstruct_run(run, out, mode=mode.value, settings=settings, limit=limit, batch_size=batch_size, device=device,
-                              dtype=dtype.value)
+                              dtype=dtype.value, candidates=candidates, encoder=encoder)
     _emit(summary, as_json, f"reconstructions in {out}")
 
 

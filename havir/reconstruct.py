@@ -17,7 +17,7 @@ manifest once every image is written.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,13 +26,16 @@ from safetensors import SafetensorError
 
 import havir
 from havir.artifacts.dataset import load_test_data, ridge_voxels
+from havir.artifacts.encoder import VOXEL_SETS, EncodingModel, check_encoder_matches, encoder_features, load_encoder
 from havir.artifacts.features_cache import features_path, features_settings
+from havir.artifacts.prepared import prepared_path, reading_prepared
 from havir.artifacts.reconstruction import abandon_if_empty, begin_reconstruction, write_manifest, write_reconstructions
 from havir.artifacts.run import load_decoders, read_finished_run
 from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
-from havir.io import MODEL_STACK, output_folder, package_versions
+from havir.io import MODEL_STACK, output_folder, package_versions, write_json
+from havir.metrics.scores import row_correlations
 from havir.models.backbone import MODES, Backbone, SamplerSettings, load_backbone
 from havir.progress import progress_report
 from havir.targets import TARGET_NAMES
@@ -42,7 +45,28 @@ RECONSTRUCT_OPTIONS: dict[str, Rule] = {
     "mode": OneOf(*MODES),
     "limit": Interval(int, 1, optional=True),
     "batch_size": Interval(int, 1),
+    "candidates": Interval(int, 1),
 }
+#: Subfolder of a reconstruction folder: each image's candidates' scores, when chosen by the brain.
+SELECTION = "selection"
+
+
+@dataclass
+class BrainSelection:
+    """Brain-guided selection: of several samples of an image, keep the one whose activity, as
+    the subject's encoding model predicts it, best matches the activity measured for the image
+    (Pearson r across all the model's voxels). ``measured`` : (n, v) test betas (repetition
+    averages), rows as the reconstructed ``nsd_ids``."""
+
+    encoder: EncodingModel
+    measured: np.ndarray
+    source: str
+
+    def scores(self, backbone: Backbone, images: np.ndarray, rows: list[int]) -> np.ndarray:
+        """(n,) match of each image with the activity measured for ``rows``."""
+        encoded = backbone.encode_images(images)
+        predicted = self.encoder.predict(encoder_features({name: value.float().cpu().numpy() for name, value in encoded.items()}))
+        return row_correlations(predicted, self.measured[rows])
 
 
 def reconstruct(
@@ -57,6 +81,8 @@ def reconstruct(
     limit: int | None = None,
     provenance: dict | None = None,
     progress: bool = True,
+    candidates: int = 1,
+    selection: BrainSelection | None = None,
 ) -> dict:
     """Reconstruct every image not already in ``out``; returns the ``--json`` summary.
 
@@ -65,9 +91,15 @@ def reconstruct(
     for ``nsd_ids``; ``backbone`` generates the images. Existing ``<nsdId>.png`` files are kept
     (resume). Under ``accelerate launch``, each process runs every N-th batch. ``progress``
     reports the images done on stderr (see :func:`havir.progress.progress_report`).
+
+    With ``candidates`` K > 1, each image is sampled K times (candidate k from (seed, nsdId, k);
+    candidate 0 is the image a single sample gives) and ``selection`` keeps one; every
+    candidate's score is written to ``out/selection/<nsdId>.json`` and gathered in the manifest.
     """
     settings = settings or SamplerSettings()
-    check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size)
+    check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size, candidates=candidates)
+    if candidates > 1 and (selection is None or mode == "structural"):
+        raise InvalidInputError("--candidates needs --encoder (to choose by the brain) and a sampled mode (fused or semantic)")
     launch = processes()
     order = np.argsort(nsd_ids)[: limit if limit is not None else None]
     # Batches are cut from the whole ordered list, not from what is left to do: a resumed run
@@ -75,6 +107,8 @@ def reconstruct(
     # rounding), so its PNGs are bit-identical; a batch with any image missing runs whole.
     batches = [order[start : start + batch_size].tolist() for start in range(0, len(order), batch_size)]
     made_with = {"mode": mode, "settings": asdict(settings), "vd": backbone.source} | (provenance or {})
+    if candidates > 1:
+        made_with |= {"candidates": candidates, "encoder": selection.source}
     with output_folder(Path(out), lock=launch.is_main_process) as out:
         begin_reconstruction(out, made_with, record=launch.is_main_process)
         missing = {i for i in order.tolist() if not (out / f"{int(nsd_ids[i])}.png").exists()}
@@ -88,7 +122,10 @@ def reconstruct(
                 for rows in mine:
                     with smaller_batch_on_oom(batch_size):
                         batch = {name: torch.as_tensor(predictions[name][rows]) for name in TARGET_NAMES}
-                        images = backbone.generate(batch, nsd_ids[rows], mode=mode, settings=settings)
+                        if candidates == 1:
+                            images = backbone.generate(batch, nsd_ids[rows], mode=mode, settings=settings)
+                        else:
+                            images = _brain_selected(backbone, batch, nsd_ids, rows, mode, settings, candidates, selection, out)
                     kept = [k for k, row in enumerate(rows) if row in missing]
                     write_reconstructions(out, nsd_ids[rows][kept], images[kept])
                     report.advance(len(rows))
@@ -105,12 +142,47 @@ def reconstruct(
                 "batch_size": batch_size, "vd": backbone.source, "backbone": type(backbone).__name__,
                 "havir_version": havir.__version__, "torch": torch.__version__,
                 "versions": package_versions(*MODEL_STACK, "pillow"), "threads": torch.get_num_threads(),
-            } | (provenance or {}))
+            } | (provenance or {}) | (_selection_record(out, nsd_ids[order], candidates, selection) if candidates > 1 else {}))
     return {
         "n_images": len(order), "reconstructed": len(missing), "mode": mode, "seconds": round(seconds, 3),
         "images_per_second": round(len(missing) / seconds, 3) if missing and seconds > 0 else None,
         "output": str(out),
     }
+
+
+def _brain_selected(backbone, batch, nsd_ids, rows, mode, settings, candidates, selection, out) -> np.ndarray:
+    """The kept candidate of each image of one batch; each image's scores go to ``out/selection/``."""
+    drawn = [backbone.generate(batch, nsd_ids[rows], mode=mode, settings=settings, candidate=k) for k in range(candidates)]
+    scores = np.stack([selection.scores(backbone, images, rows) for images in drawn])  # (K, n)
+    best = scores.argmax(axis=0)
+    (out / SELECTION).mkdir(exist_ok=True)
+    for i, row in enumerate(rows):
+        write_json(out / SELECTION / f"{int(nsd_ids[row])}.json",
+                   {"kept": int(best[i]), "scores": [round(float(v), 6) for v in scores[:, i]]})
+    return np.stack([drawn[k][i] for i, k in enumerate(best)])
+
+
+def _selection_record(out: Path, nsd_ids: np.ndarray, candidates: int, selection: BrainSelection) -> dict:
+    """The manifest's ``selection``: how candidates were chosen, and each image's scores."""
+    from havir.validation import read_json
+
+    chosen = {str(int(i)): read_json(out / SELECTION / f"{int(i)}.json", what="candidate scores",
+                                    fix="delete the folder's PNGs and reconstruct again") for i in nsd_ids}
+    return {"selection": {"candidates": candidates, "encoder": selection.source,
+                          "score": "Pearson r across voxels between the encoder's prediction and the measured test betas",
+                          "images": chosen}}
+
+
+def brain_selection(encoder: Path, data: Path, subject: int, nsd_ids: np.ndarray) -> BrainSelection:
+    """The selection by ``encoder`` (``havir encode``'s folder, of this subject and features cache)
+    against the measured test betas of ``nsd_ids``."""
+    model = load_encoder(encoder)
+    with reading_prepared(prepared_path(data, subject)) as h5:
+        voxels = {name: h5[f"voxels/{name}"][()] for name in VOXEL_SETS}
+    check_encoder_matches(model, subject, voxels, features_settings(features_path(data, subject), ("model", "dtype", "seed")))
+    test = load_test_data(data, subject)
+    measured = np.concatenate([getattr(test, name) for name in VOXEL_SETS], axis=1)
+    return BrainSelection(model, measured[np.searchsorted(test.nsd_id, nsd_ids)], str(Path(encoder).resolve()))
 
 
 def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[str, torch.Tensor], dict]:
@@ -153,19 +225,29 @@ def reconstruct_run(
     device: str = "auto",
     dtype: str = "auto",
     progress: bool = True,
+    candidates: int = 1,
+    encoder: Path | None = None,
 ) -> dict:
     """Reconstruct a trained run's test images into ``out`` (``<nsdId>.png`` + ``manifest.json``).
 
-    The backbone is the one the run's features came from (same weights seed).
+    The backbone is the one the run's features came from (same weights seed). ``candidates`` K
+    with ``encoder`` (the subject's ``havir encode`` folder): brain-guided selection, the best of
+    K samples per image (:class:`BrainSelection`).
     """
-    check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size)  # before any work
+    check_options(RECONSTRUCT_OPTIONS, mode=mode, limit=limit, batch_size=batch_size, candidates=candidates)  # before any work
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     nsd_ids, predictions, record = predict_test_set(run, torch_device)
     features = features_settings(features_path(Path(record["data"]), record["subject"]))
+    if (encoder is None) != (candidates == 1):
+        raise InvalidInputError("brain-guided selection takes both --candidates K (K > 1 samples per image) and --encoder "
+                                "(the subject's `havir encode` folder, which scores them): give both or neither")
+    selection = None
+    if encoder is not None:
+        selection = brain_selection(Path(encoder), Path(record["data"]), record["subject"], nsd_ids)
     backbone = load_backbone(features["model"], device=torch_device, dtype=torch_dtype, seed=features["seed"])
     return reconstruct(
         backbone, predictions, nsd_ids, Path(out), mode=mode, settings=settings, batch_size=batch_size, limit=limit,
         provenance={"run": str(Path(run).resolve()), "subject": record["subject"], "model": record["model"]},
-        progress=progress,
+        progress=progress, candidates=candidates, selection=selection,
     )

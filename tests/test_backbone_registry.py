@@ -70,7 +70,7 @@ class PixelBackbone(Backbone):
         counts = [[text.lower().count(letter) for letter in "abcdefghijklmnopqrstuvwx"] for text in texts]
         return {"clip_text": torch.tensor(counts, dtype=torch.float32).reshape(len(texts), 3, 8)}
 
-    def generate(self, predictions, nsd_ids, *, mode, settings) -> np.ndarray:
+    def generate(self, predictions, nsd_ids, *, mode, settings, candidate=0) -> np.ndarray:
         layout = F.interpolate(predictions["vae_latents"].float(), size=self.image_side, mode="nearest")
         colour = predictions["clip_image"][:, 0, :3].float()[..., None, None].expand_as(layout)
         picture = {"structural": layout, "semantic": colour, "fused": (layout + colour) / 2}[mode]

@@ -89,14 +89,16 @@ class SamplerSettings:
         check_values(asdict(self), self.CONSTRAINTS, name=option_name)
 
 
-def image_noise(nsd_ids, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+def image_noise(nsd_ids, shape: tuple[int, ...], seed: int, candidate: int = 0) -> torch.Tensor:
     """Initial noise of each image from (seed, nsdId) alone: float32 (n, *shape), the same
-    whatever the batch, order or split of the work."""
+    whatever the batch, order or split of the work. ``candidate`` k > 0 draws the k-th other
+    sample of the image (from (seed, nsdId, k)); candidate 0 is the image's one sample."""
     import torch
 
     noises = []
     for nsd_id in np.asarray(nsd_ids).tolist():
-        digest = hashlib.sha256(f"{seed}:{nsd_id}".encode()).digest()
+        key = f"{seed}:{nsd_id}" + (f":{candidate}" if candidate else "")
+        digest = hashlib.sha256(key.encode()).digest()
         generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
         noises.append(torch.randn(shape, generator=generator))
     return torch.stack(noises)
@@ -152,10 +154,11 @@ class Backbone(ABC):
 
     @abstractmethod
     def generate(self, predictions: dict[str, torch.Tensor], nsd_ids: np.ndarray, *, mode: str,
-                 settings: SamplerSettings) -> np.ndarray:
+                 settings: SamplerSettings, candidate: int = 0) -> np.ndarray:
         """uint8 images (n, side, side, 3) from predicted targets in ``mode`` (one of
-        :data:`MODES`); the noise of each image comes from (``settings.seed``, its nsdId) alone
-        (:func:`image_noise`), so a batch's images do not depend on its other images."""
+        :data:`MODES`); the noise of each image comes from (``settings.seed``, its nsdId,
+        ``candidate``) alone (:func:`image_noise`), so a batch's images do not depend on its
+        other images, and candidates 1, 2... are other samples of the same predictions."""
 
     def generation_record(self, settings: SamplerSettings, mode: str) -> dict:
         """What :meth:`generate` runs with ``settings`` in ``mode``, for the reconstruction's manifest."""

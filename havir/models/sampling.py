@@ -150,6 +150,7 @@ def generate(
     mode: str,
     settings: SamplerSettings,
     unconditional: tuple[torch.Tensor, torch.Tensor] | None = None,
+    candidate: int = 0,
 ) -> np.ndarray:
     """Images (n, side, side, 3) uint8 from one batch of predicted targets, in ``mode``."""
     if mode not in MODES:
@@ -157,7 +158,7 @@ def generate(
     latents = predictions["vae_latents"]
     if mode == "structural":
         return decode(vd, latents)
-    noise = image_noise(nsd_ids, tuple(latents.shape[1:]), settings.seed)
+    noise = image_noise(nsd_ids, tuple(latents.shape[1:]), settings.seed, candidate)
     start = latents if mode == "fused" else None
     out = sample(vd, predictions["clip_text"], predictions["clip_image"], noise, settings, start_latents=start,
                  unconditional=unconditional)

@@ -115,12 +115,14 @@ class VersatileDiffusion(Backbone):
         """``clip_text`` (n, 77, D), one row per text."""
         return {"clip_text": encode_clip_texts(self, texts)}
 
-    def generate(self, predictions: dict[str, torch.Tensor], nsd_ids, *, mode: str, settings: SamplerSettings):
+    def generate(self, predictions: dict[str, torch.Tensor], nsd_ids, *, mode: str, settings: SamplerSettings,
+                 candidate: int = 0):
         """The dual-guided sampler (:func:`havir.models.sampling.generate`)."""
         key = (self.device, self.text_encoder.dtype)
         if key not in self._unconditional:
             self._unconditional[key] = sampling.unconditional_embeddings(self)
-        return sampling.generate(self, predictions, nsd_ids, mode=mode, settings=settings, unconditional=self._unconditional[key])
+        return sampling.generate(self, predictions, nsd_ids, mode=mode, settings=settings, unconditional=self._unconditional[key],
+                                 candidate=candidate)
 
     def generation_record(self, settings: SamplerSettings, mode: str) -> dict:
         return sampling.schedule_record(self, settings, mode)
