@@ -277,7 +277,7 @@ def features(
     _emit(summary, as_json, f"features of subj{subject:02d}")
 
 
-EncodeControl = _choices("EncodeControl", "shuffled")
+Control = _choices("Control", "shuffled")
 
 
 @app.command()
@@ -287,7 +287,7 @@ def encode(
     out: Annotated[Path, typer.Option("--out", help="Folder for the encoding model (encoder.json, encoder.safetensors, accuracy map).")],
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (split by image) for each voxel's accuracy.")] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the folds, the search and the control.")] = 0,
-    control: Annotated[Optional[EncodeControl], typer.Option("--control", help="shuffled: the null model (features paired with other images' responses).")] = None,
+    control: Annotated[Optional[Control], typer.Option("--control", help="shuffled: the null model (features paired with other images' responses).")] = None,
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -307,15 +307,20 @@ def train(
     vd: Annotated[Optional[str], typer.Option("--vd", help="Versatile Diffusion the features were computed with (checked).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Training settings (TOML); see havir.train.TrainConfig.")] = None,
     model: Annotated[TrainModel, typer.Option("--model", help="havir (both decoders) or ridge (the baseline).")] = "havir",
+    control: Annotated[Optional[Control], typer.Option("--control", help="shuffled: the null run, trained on shuffled voxel-image pairs (shuffle_control = true).")] = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the Structural Generator and the Semantic Extractor (or the ridge baseline)."""
     _use_threads(threads)
+    import dataclasses
+
     from havir.train import TrainConfig, train_subject
 
     settings = TrainConfig.from_toml(config) if config else TrainConfig()
+    if control is not None:
+        settings = dataclasses.replace(settings, shuffle_control=True)
     summary = train_subject(
         data, subject, out, model=model.value, config=settings, vd=vd, device=device
     )
@@ -383,6 +388,7 @@ def eval_command(
     protocol: Annotated[Protocol, typer.Option("--protocol", help="Evaluation preset: mindeye2 (the published table) or brain-diffuser (its own paper).")] = "mindeye2",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per forward pass of a feature network.")] = 32,
     encoder: Annotated[Optional[Path], typer.Option("--encoder", help="Encoding model of this subject (havir encode --out): adds the brain correlations.")] = None,
+    null: Annotated[Optional[Path], typer.Option("--null", help="The null run's reconstructions (havir train --control shuffled): adds method vs null.")] = None,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -403,7 +409,7 @@ def eval_command(
     with output_folder(out or recon / "eval") if recon.is_dir() else contextlib.nullcontext():
         evaluation = evaluate_folder(
             recon, data, subject, protocol=preset, out=out, weights_dir=weights_dir, skip_missing=skip_missing,
-            device=device, batch_size=batch_size, encoder=encoder,
+            device=device, batch_size=batch_size, encoder=encoder, null=null,
         )
     summary = evaluation.summary()
     if as_json:

@@ -96,6 +96,14 @@ def test_brain_correlation_ranks_truth_above_method_above_null(demo_data, encode
                                          "--encoder", folder / "None", "--json")
         assert status == 0, stderr
         scores[name] = json.loads(stdout)
+    status, stdout, stderr = run_cli("eval", "--recon", tmp_path / "method" / "structural", "--data", data, "--subject", 1,
+                                     "--skip-missing", "--encoder", folder / "None", "--null", tmp_path / "null" / "structural",
+                                     "--out", tmp_path / "versus", "--json")
+    assert status == 0, stderr
+    versus = json.loads(stdout)["null_comparison"]["metrics"]
+    for name in ("brain_corr_structural", "brain_corr_semantic", "pixcorr"):
+        assert versus[name]["beats_null"] and versus[name]["interval_95"][0] > 0, (name, versus[name])
+        assert versus[name]["difference"] == pytest.approx(versus[name]["method"] - versus[name]["null"])
     method, null = scores["method"], scores["null"]
     for voxel_set in ("structural", "semantic"):
         key = f"brain_corr_{voxel_set}"
@@ -186,3 +194,15 @@ def test_brain_guided_selection_helps_the_method_and_not_a_consistent_null(demo_
     assert result["method", 4]["identification"] >= result["method", 1]["identification"]
     assert abs(result["null", 4]["brain"]) < 0.15 and result["null", 4]["identification"] < 0.6
     assert result["method", 4]["brain"] - result["null", 4]["brain"] > 0.7
+
+
+def test_train_control_shuffled_is_the_null_run(demo_data, tmp_path, run_cli):
+    data, _ = demo_data
+    config = tmp_path / "config.toml"
+    config.write_text('preset = "tiny"\nepochs = 1\n')
+    status, _, stderr = run_cli("train", "--data", data, "--subject", 1, "--out", tmp_path / "null", "--config", config,
+                                "--control", "shuffled", "--device", "cpu")
+    assert status == 0, stderr
+    import tomllib
+
+    assert tomllib.loads((tmp_path / "null" / "config.toml").read_text())["shuffle_control"] is True

@@ -50,6 +50,7 @@ from havir.metrics.results import (  # noqa: F401 (also read here by their old p
     Evaluation,
     MetricScore,
     PublishedRow,
+    compare_with_null,
     comparison_rows,
     published_rows,
 )
@@ -213,6 +214,7 @@ def evaluate_folder(
     notes: Sequence[str] = (),
     progress: bool = True,
     encoder: Path | None = None,
+    null: Path | None = None,
 ) -> Evaluation:
     """Score the reconstructions in ``recon`` against subject ``subject``'s test images in ``data``
     under the protocol preset ``protocol`` (``mindeye2`` or ``brain-diffuser``) and write
@@ -226,7 +228,9 @@ def evaluate_folder(
 
     ``encoder`` (a folder of ``havir encode`` for this subject and features cache) adds the brain
     correlations (:mod:`havir.metrics.brain`): ``brain_corr_structural``, ``brain_corr_semantic``,
-    per ROI, and their ceilings from the ground-truth stimuli.
+    per ROI, and their ceilings from the ground-truth stimuli. ``null`` (the reconstructions of
+    the null run, ``havir train --control shuffled``) adds "method vs null": every metric scored
+    on both, with the difference and its paired interval (:func:`~havir.metrics.results.compare_with_null`).
     """
     from havir.devices import resolve_device
     from havir.io import ensure_output_dir
@@ -260,18 +264,22 @@ def evaluate_folder(
                                      "open_clip_torch"),
         "threads": torch.get_num_threads(),
     }
+    consistency = None
     if encoder is not None:
-        consistency = brain_consistency_of(Path(encoder), data, subject, nsd_ids, truth, reconstructions,
-                                           device=resolve_device(device), batch_size=batch_size)
-        for name in BRAIN_SETS:
-            per_image = consistency.per_image[name]
-            scores[brain_metric_name(name)] = MetricScore(
-                brain_metric_name(name), per_image, bootstrap_interval(per_image, resamples=resamples, seed=seed),
-                f"encoding model ({Path(encoder).resolve()})", False, True,
-            )
+        consistency = _add_brain_scores(scores, Path(encoder), data, subject, nsd_ids, truth, reconstructions,
+                                        device=resolve_device(device), batch_size=batch_size, resamples=resamples, seed=seed)
     evaluation = Evaluation(nsd_ids, scores, skipped, record)
-    if encoder is not None:
+    if consistency is not None:
         evaluation.brain = consistency.record()
+    if null is not None:
+        null_images = load_reconstructions(null, nsd_ids)
+        null_scores = score_images(truth, null_images, networks=networks, preset=preset, device=resolve_device(device),
+                                   batch_size=batch_size, resamples=resamples, seed=seed)
+        if encoder is not None:
+            _add_brain_scores(null_scores, Path(encoder), data, subject, nsd_ids, truth, null_images,
+                              device=resolve_device(device), batch_size=batch_size, resamples=resamples, seed=seed)
+        evaluation.null_comparison = compare_with_null(scores, null_scores, null_folder=str(Path(null).resolve()),
+                                                       resamples=resamples, seed=seed)
     if data_protocol["test_images"] != preset.expected_images or data_protocol["sessions"] != preset.expected_sessions:
         evaluation.notes.append(
             f"this run scored {data_protocol['test_images']} images of {data_protocol['sessions']} sessions; the "
@@ -284,6 +292,19 @@ def evaluate_folder(
         write_report(evaluation, truth, Path(recon), out, notes=notes)
     write_evaluation(evaluation, out)
     return evaluation
+
+
+def _add_brain_scores(scores: dict, encoder: Path, data: Path, subject: int, nsd_ids, truth, reconstructions, *,
+                      device, batch_size: int, resamples: int, seed: int) -> BrainConsistency:
+    """Add ``brain_corr_structural`` and ``brain_corr_semantic`` to ``scores``; returns the whole result."""
+    consistency = brain_consistency_of(encoder, data, subject, nsd_ids, truth, reconstructions, device=device, batch_size=batch_size)
+    for name in BRAIN_SETS:
+        per_image = consistency.per_image[name]
+        scores[brain_metric_name(name)] = MetricScore(
+            brain_metric_name(name), per_image, bootstrap_interval(per_image, resamples=resamples, seed=seed),
+            f"encoding model ({encoder.resolve()})", False, True,
+        )
+    return consistency
 
 
 def brain_consistency_of(encoder: Path, data: Path, subject: int, nsd_ids: np.ndarray, truth: np.ndarray,

@@ -86,6 +86,8 @@ class Evaluation:
     notes: list[str] = field(default_factory=list)
     #: With an encoding model: ceilings, ratios, per-ROI values (:mod:`havir.metrics.brain`).
     brain: dict = field(default_factory=dict)
+    #: With a null run's reconstructions: every metric for both and the difference (:func:`compare_with_null`).
+    null_comparison: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         """The ``--json`` object of ``cli.md``: n, metrics (fractions), skipped, protocol, intervals.
@@ -109,7 +111,31 @@ class Evaluation:
             "notes": self.notes,
             "protocol": self.protocol,
             "outputs": {kind: str(path) for kind, path in self.outputs.items()},
-        } | ({"brain_consistency": self.brain} if self.brain else {})
+        } | ({"brain_consistency": self.brain} if self.brain else {}) | (
+            {"null_comparison": self.null_comparison} if self.null_comparison else {})
+
+
+def compare_with_null(method: dict[str, MetricScore], null: dict[str, MetricScore], *, null_folder: str,
+                      resamples: int = 1000, seed: int = 0) -> dict:
+    """Every metric of the method beside the same metric of the null run (the same pipeline
+    trained on shuffled voxel-image pairs), on the same images: the difference of the means and
+    its 95% paired bootstrap interval (images resampled, both sides together), and whether the
+    method beats the null (the interval excludes zero on the metric's better side).
+
+    A generative model paints plausible scenes from nothing: a score means something only by how
+    far it beats the null's.
+    """
+    from havir.metrics.scores import bootstrap_interval
+
+    rows = {}
+    for name, score in method.items():
+        if name not in null:
+            continue
+        difference = score.per_image - null[name].per_image
+        low, high = bootstrap_interval(difference, resamples=resamples, seed=seed)
+        rows[name] = {"method": score.mean, "null": null[name].mean, "difference": float(difference.mean()),
+                      "interval_95": [low, high], "beats_null": bool(low > 0 if score.higher_is_better else high < 0)}
+    return {"null_reconstructions": null_folder, "metrics": rows}
 
 
 def published_rows(preset: str) -> tuple[list[PublishedRow], list[tuple[PublishedRow, str]]]:
