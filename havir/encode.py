@@ -110,11 +110,11 @@ def fit_encoder(data: Path, subject: int, out: Path, *, folds: int = 5, seed: in
         for fold in track(range(folds), f"subj{subject:02d}: encoding model, cross-validation", total=folds,
                           enabled=progress, unit="folds"):
             held = fold_of == fold
-            model = _fit({s: x[~held] for s, x in features.items()}, responses[~held], seed)
+            model = fit_banded_ridge({s: x[~held] for s, x in features.items()}, responses[~held], seed)
             predicted = model.predict({s: x[held] for s, x in features.items()})
             fold_r.append(row_correlations(predicted.T, responses[held].T))
         cv_r = np.mean(fold_r, axis=0).astype(np.float32)
-        model = _fit(features, responses, seed)
+        model = fit_banded_ridge(features, responses, seed)
         rois, roi_note = _voxel_rois(record, subject, voxels)
         sets = {name: len(voxels[name]) for name in VOXEL_SETS}
         model.cv_r, model.voxels, model.rois = cv_r, np.concatenate([voxels[n] for n in VOXEL_SETS]), rois
@@ -143,7 +143,7 @@ def fit_encoder(data: Path, subject: int, out: Path, *, folds: int = 5, seed: in
     return summary | {"seconds": round(time.perf_counter() - started, 3), "affine_from": affine}
 
 
-def _fit(features: dict[str, np.ndarray], responses: np.ndarray, seed: int) -> EncodingModel:
+def fit_banded_ridge(features: dict[str, np.ndarray], responses: np.ndarray, seed: int) -> EncodingModel:
     """Banded kernel ridge on ``features`` -> ``responses`` (n, v), in primal form."""
     from himalaya.backend import set_backend
     from himalaya.kernel_ridge import ColumnKernelizer, Kernelizer, MultipleKernelRidgeCV
