@@ -24,7 +24,7 @@ from havir.artifacts.reconstruction import is_havir_reconstruction, load_reconst
 from havir.errors import HavirError, MissingInputError
 from havir.io import atomic_path
 from havir.metrics.records import metric_record
-from havir.metrics.results import PROTOCOL_NAMES, Evaluation, comparison_rows, subject_label
+from havir.metrics.results import BRAIN_PREFIX, PROTOCOL_NAMES, Evaluation, comparison_rows, subject_label
 from havir.metrics.networks import STANDIN_METRICS
 from havir.metrics.protocols import PROTOCOL_METRICS
 
@@ -249,6 +249,21 @@ _PAGE = """<!doctype html>
 <table id="modes"><tr><th>mode</th><th>n</th>{% for n in mode_names %}<th>{{ titles.get(n, n) }}</th>{% endfor %}</tr>
 {% for row in modes %}<tr><td>{{ row.mode }}</td><td>{{ row.n }}</td>{% for n in mode_names %}<td>{{ fmt(n, row[n]) if n in row else "—" }}</td>{% endfor %}</tr>
 {% endfor %}</table>{% endif %}
+{% if versus %}<h2>Method vs null</h2>
+<p>The null run is the same pipeline trained on shuffled voxel-image pairs (<code>havir train --control
+shuffled</code>). A generative model can paint a plausible scene from nothing: a score means
+something only by how far it beats the null's. Null reconstructions: <code>{{ versus.null_reconstructions }}</code>.</p>
+<table id="versus"><tr>{% for h in ["metric", "method", "null", "difference", "95% CI (paired bootstrap)", "beats the null"] %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for name, row in versus.metrics.items() %}<tr><td>{{ titles.get(name, name) }}</td><td>{{ fmt(name, row.method) }}</td><td>{{ fmt(name, row.null) }}</td><td>{{ "%+.3f"|format(row.difference) }}</td><td>[{{ "%+.3f"|format(row.interval_95[0]) }}, {{ "%+.3f"|format(row.interval_95[1]) }}]</td><td>{{ "yes" if row.beats_null else "no" }}</td></tr>
+{% endfor %}</table>{% endif %}
+{% if brain %}<h2>Brain consistency</h2>
+<p>Mean over voxels of the Pearson r, across the test images, between the encoding model's prediction
+and the measured betas; the ceiling is the same from the ground-truth stimuli. Encoding model:
+<code>{{ brain.encoder.path }}</code>.</p>
+<table id="brain"><tr><th>voxels</th><th>from the reconstructions</th><th>ceiling (ground truth)</th><th>ratio</th></tr>
+{% for name, ceiling in brain.ceilings.items() %}<tr><td>{{ name }} set</td><td>{{ "%.3f"|format(brain_values[name]) }}</td><td>{{ "%.3f"|format(ceiling) }}</td><td>{{ "%.2f"|format(brain.ratios[name]) if brain.ratios[name] is not none else "—" }}</td></tr>
+{% endfor %}{% for name, value in brain.rois.items() %}<tr><td>{{ name }}</td><td>{{ "%.3f"|format(value) }}</td><td>{{ "%.3f"|format(brain.roi_ceilings[name]) }}</td><td></td></tr>
+{% endfor %}</table>{% endif %}
 {% if curves %}<h2>Training</h2>
 <p>Losses per epoch of the run that made these reconstructions (<code>metrics.jsonl</code>).</p>
 <img src="{{ curves }}" alt="training and validation losses per epoch">{% endif %}
@@ -343,7 +358,9 @@ def write_report(
         grid_labels=[label for label, _ in columns], grid_rows=grid_rows, score_names=score_names,
         higher={n: evaluation.scores[n].higher_is_better for n in score_names},
         scored_label=evaluation.protocol.get("method", Path(recon).name), csv_name="per_image.csv",
-        script=Markup(_SORT_SCRIPT),
+        script=Markup(_SORT_SCRIPT), versus=evaluation.null_comparison, brain=evaluation.brain,
+        brain_values={name.removeprefix(BRAIN_PREFIX): score.mean for name, score in evaluation.scores.items()
+                      if name.startswith(BRAIN_PREFIX)},
     )
     path = out / "report.html"
     with atomic_path(path) as temporary:

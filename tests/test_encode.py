@@ -101,6 +101,8 @@ def test_brain_correlation_ranks_truth_above_method_above_null(demo_data, encode
                                      "--out", tmp_path / "versus", "--json")
     assert status == 0, stderr
     versus = json.loads(stdout)["null_comparison"]["metrics"]
+    page = (tmp_path / "versus" / "report.html").read_text()
+    assert "<h2>Method vs null</h2>" in page and "<h2>Brain consistency</h2>" in page and "<td>V1v</td>" in page
     for name in ("brain_corr_structural", "brain_corr_semantic", "pixcorr"):
         assert versus[name]["beats_null"] and versus[name]["interval_95"][0] > 0, (name, versus[name])
         assert versus[name]["difference"] == pytest.approx(versus[name]["method"] - versus[name]["null"])
