@@ -88,7 +88,7 @@ def main() -> None:
         **describe(device),
         "date": datetime.date.today().isoformat(),
     }
-    out = args.out or Path(__file__).parent / "results" / f"encode-{args.size}-cpu-{result['date']}.json"
+    out = args.out or Path(__file__).parent / "results" / f"encode-{args.size}-{result['date']}.json"
     write_json(out, result)
     print(f"{args.size}: fit {seconds:.1f} s, floor {floor:.1f} s ({100 * floor / seconds:.0f}% of it); "
           f"havir encode ~{6 * seconds / 60:.1f} min; {out}")

@@ -288,6 +288,7 @@ def encode(
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds (split by image) for each voxel's accuracy.")] = 5,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the folds, the search and the control.")] = 0,
     control: Annotated[Optional[Control], typer.Option("--control", help="shuffled: the null model (features paired with other images' responses).")] = None,
+    device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -295,7 +296,7 @@ def encode(
     _use_threads(threads)
     from havir.encode import fit_encoder
 
-    summary = fit_encoder(data, subject, out, folds=folds, seed=seed, control=control.value if control else None)
+    summary = fit_encoder(data, subject, out, folds=folds, seed=seed, control=control.value if control else None, device=device)
     _emit(summary, as_json, f"encoding model of subj{subject:02d}")
 
 

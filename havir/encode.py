@@ -48,6 +48,7 @@ from havir.artifacts.encoder import (
 )
 from havir.artifacts.features_cache import features_settings, reading_features
 from havir.artifacts.prepared import load_split, prepared_record_path, reading_prepared
+from havir.devices import resolve_device
 from havir.errors import HavirError, InvalidInputError
 from havir.io import atomic_path, output_folder, package_versions
 from havir.metrics.scores import row_correlations
@@ -68,7 +69,7 @@ SPACE_WEIGHTINGS = 20
 
 
 def fit_encoder(data: Path, subject: int, out: Path, *, folds: int = 5, seed: int = 0, control: str | None = None,
-                progress: bool = True) -> dict:
+                device: str = "auto", progress: bool = True) -> dict:
     """Fit and save ``subject``'s encoding model into ``out``; returns the summary.
 
     Parameters
@@ -79,9 +80,13 @@ def fit_encoder(data: Path, subject: int, out: Path, *, folds: int = 5, seed: in
     folds : cross-validation folds (split by image) for each voxel's accuracy.
     seed : seed of the folds, the search and the shuffled control.
     control : ``"shuffled"`` for the null model (features paired with other images' responses).
+    device : ``"auto"`` (CUDA when available), ``"cuda"`` or ``"cpu"``: himalaya's ``torch_cuda``
+        backend on a GPU, its ``numpy`` one on a CPU (``bench/bench_encode.py``: a realistic
+        subject's fit is hours of CPU, a GPU job).
     """
     started = time.perf_counter()
     check_options(ENCODE_OPTIONS, folds=folds, seed=seed, control=control)
+    backend = "torch_cuda" if resolve_device(device).type == "cuda" else "numpy"
     prepared, cache, feature_ids = checked_inputs(data, subject)
     settings = features_settings(cache, ("model", "dtype", "seed"))
     train = load_split(prepared, "train")
@@ -110,11 +115,11 @@ def fit_encoder(data: Path, subject: int, out: Path, *, folds: int = 5, seed: in
         for fold in track(range(folds), f"subj{subject:02d}: encoding model, cross-validation", total=folds,
                           enabled=progress, unit="folds"):
             held = fold_of == fold
-            model = fit_banded_ridge({s: x[~held] for s, x in features.items()}, responses[~held], seed)
+            model = fit_banded_ridge({s: x[~held] for s, x in features.items()}, responses[~held], seed, backend)
             predicted = model.predict({s: x[held] for s, x in features.items()})
             fold_r.append(row_correlations(predicted.T, responses[held].T))
         cv_r = np.mean(fold_r, axis=0).astype(np.float32)
-        model = fit_banded_ridge(features, responses, seed)
+        model = fit_banded_ridge(features, responses, seed, backend)
         rois, roi_note = _voxel_rois(record, subject, voxels)
         sets = {name: len(voxels[name]) for name in VOXEL_SETS}
         model.cv_r, model.voxels, model.rois = cv_r, np.concatenate([voxels[n] for n in VOXEL_SETS]), rois
@@ -143,14 +148,15 @@ def fit_encoder(data: Path, subject: int, out: Path, *, folds: int = 5, seed: in
     return summary | {"seconds": round(time.perf_counter() - started, 3), "affine_from": affine}
 
 
-def fit_banded_ridge(features: dict[str, np.ndarray], responses: np.ndarray, seed: int) -> EncodingModel:
-    """Banded kernel ridge on ``features`` -> ``responses`` (n, v), in primal form."""
+def fit_banded_ridge(features: dict[str, np.ndarray], responses: np.ndarray, seed: int, backend: str = "numpy") -> EncodingModel:
+    """Banded kernel ridge on ``features`` -> ``responses`` (n, v), in primal form, on himalaya's
+    ``backend`` (``"numpy"``, ``"torch"``, ``"torch_cuda"``); the result is numpy float32."""
     from himalaya.backend import set_backend
     from himalaya.kernel_ridge import ColumnKernelizer, Kernelizer, MultipleKernelRidgeCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    set_backend("numpy", on_error="raise")
+    himalaya = set_backend(backend, on_error="raise")
     sizes = np.cumsum([0] + [features[space].shape[1] for space in FEATURE_SPACES])
     kernelizer = ColumnKernelizer([
         (space, make_pipeline(StandardScaler(), Kernelizer(kernel="linear")), slice(int(start), int(stop)))
@@ -166,10 +172,10 @@ def fit_banded_ridge(features: dict[str, np.ndarray], responses: np.ndarray, see
     weights = ridge.get_primal_coef(kernelizer.get_X_fit())
     return EncodingModel(
         record={},
-        weights={space: np.asarray(w, dtype=np.float32) for space, w in zip(FEATURE_SPACES, weights)},
+        weights={space: np.asarray(himalaya.to_numpy(w), dtype=np.float32) for space, w in zip(FEATURE_SPACES, weights)},
         mean={space: s.mean_.astype(np.float32) for space, s in zip(FEATURE_SPACES, scalers)},
         scale={space: s.scale_.astype(np.float32) for space, s in zip(FEATURE_SPACES, scalers)},
-        intercept=np.asarray(ridge.intercept_, dtype=np.float32),
+        intercept=np.asarray(himalaya.to_numpy(ridge.intercept_), dtype=np.float32),
         cv_r=np.zeros(0, np.float32), voxels=np.zeros((0, 3), np.int32), rois={},
     )
 

@@ -208,3 +208,14 @@ def test_train_control_shuffled_is_the_null_run(demo_data, tmp_path, run_cli):
     import tomllib
 
     assert tomllib.loads((tmp_path / "null" / "config.toml").read_text())["shuffle_control"] is True
+
+
+def test_the_gpu_backend_path_fits_the_same_model(monkeypatch):
+    """``--device cuda`` fits with himalaya's torch backend: here its CPU twin, against numpy's."""
+    from havir.encode import fit_banded_ridge
+
+    rng = np.random.default_rng(0)
+    features = {"vae_latents": rng.normal(size=(60, 40)).astype(np.float32), "clip_image": rng.normal(size=(60, 8)).astype(np.float32)}
+    responses = (features["vae_latents"][:, :5] + 0.5 * rng.normal(size=(60, 5))).astype(np.float32)
+    on_numpy, on_torch = (fit_banded_ridge(features, responses, seed=0, backend=backend) for backend in ("numpy", "torch"))
+    np.testing.assert_allclose(on_torch.predict(features), on_numpy.predict(features), rtol=1e-3, atol=1e-3)
