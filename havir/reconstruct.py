@@ -56,14 +56,14 @@ from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
 from havir.io import MODEL_STACK, atomic_path, output_folder, package_versions, write_json
+from havir.options import MODES, RECONSTRUCT_OPTIONS, SAMPLER_NUMBERS
 from havir.progress import progress_report
 from havir.models.compat import set_text_share
 from havir.models.encoding import encode_clip_images, encode_clip_texts
 from havir.models.versatile import VersatileDiffusion, load_versatile_diffusion
 from havir.targets import TARGET_NAMES
-from havir.validation import Interval, OneOf, Rule, check_options, check_values, option_name
+from havir.validation import OneOf, Rule, check_options, check_values, option_name
 
-MODES = ("fused", "structural", "semantic")
 #: Written first into a reconstruction folder: what its PNGs are made with (checked on resume).
 MADE_WITH = ".havir-reconstruct.json"
 #: Schedulers the sampler can use, each built from the model's own scheduler config.
@@ -96,12 +96,7 @@ class SamplerSettings:
 
     #: Allowed values; named as ``havir reconstruct``'s options in messages.
     CONSTRAINTS: ClassVar[dict[str, Rule]] = {
-        "steps": Interval(int, 1, 1000),  # Versatile Diffusion was trained on 1000 noise levels
-        "strength": Interval(float, 0, 1),
-        "guidance": Interval(float, 0),
-        "text_share": Interval(float, 0, 1),
-        "eta": Interval(float, 0, 1),
-        "seed": Interval(int, 0, 2**32 - 1),
+        **SAMPLER_NUMBERS,
         "scheduler": OneOf(*SCHEDULERS),
         "img2img_start": OneOf(*IMG2IMG_STARTS),
         "clip_sample": OneOf(True, False),
@@ -110,14 +105,6 @@ class SamplerSettings:
 
     def __post_init__(self):
         check_values(asdict(self), self.CONSTRAINTS, name=option_name)
-
-
-#: ``havir reconstruct``'s options besides the sampler's.
-RECONSTRUCT_OPTIONS: dict[str, Rule] = {
-    "mode": OneOf(*MODES),
-    "limit": Interval(int, 1, optional=True),
-    "batch_size": Interval(int, 1),
-}
 
 
 def unconditional_embeddings(vd: VersatileDiffusion) -> tuple[torch.Tensor, torch.Tensor]:

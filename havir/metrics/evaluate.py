@@ -14,11 +14,10 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
-from havir.artifacts.prepared import prepared_normalisation, prepared_record_path, require_prepared
+from havir.artifacts.prepared import prepared_normalisation, prepared_record_path, reading_prepared, require_prepared
 from havir.artifacts.reconstruction import load_reconstructions, read_reconstruction, reconstruction_ids  # noqa: F401
 from havir.devices import smaller_batch_on_oom
 from havir.errors import InvalidInputError
@@ -141,7 +140,7 @@ def load_ground_truth(data: Path, subject: int) -> tuple[np.ndarray, np.ndarray,
     the data protocol: subject, sessions read, number of test images, normalisation)."""
     check_subject(subject)
     prepared = require_prepared(data, subject)
-    with h5py.File(prepared, "r") as h5:
+    with reading_prepared(prepared) as h5:  # a damaged file is one line, not a traceback
         if "test/stimuli" not in h5:
             raise InvalidInputError(f"{prepared} holds no test stimuli: run `havir prepare` again")
         nsd_ids = h5["test/stimulus_nsd_id"][()]
