@@ -259,7 +259,7 @@ def evaluate_folder(
     evaluation.outputs = {"json": out / "eval.json", "csv": out / "per_image.csv"}
     if report:
         evaluation.outputs |= {"report": out / "report.html", "chart": out / "metrics.png"}
-        write_report(evaluation, truth, Path(recon), out, notes=notes)
+        write_report(evaluation, truth, Path(recon), out, notes=notes, data=Path(data))
     write_evaluation(evaluation, out)
     return evaluation
 
