@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import sys
-import warnings
-from collections.abc import Iterator
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -29,6 +26,7 @@ except ImportError:  # pragma: no cover (older typer)
 
 from havir.errors import HavirError, InvalidInputError
 from havir.models.backbone import IMG2IMG_STARTS, MODES, SCHEDULER_NAMES, SamplerSettings
+from havir.library_logging import holding_library_messages
 from havir.progress import stderr_console
 from havir.validation import Interval, check_options
 
@@ -103,9 +101,29 @@ def _deprecated(old: str, new: str) -> None:
     stderr_console.print(f"warning: {old} is deprecated: write {new}", markup=False, highlight=False, soft_wrap=True)
 
 
+def _check_data(data: Path, subject: int, *, features: bool = False) -> None:
+    """The prepared data (and, with ``features``, its features cache) a command reads, checked
+    before torch and the models are imported (seconds): a missing input is said at once."""
+    from havir.artifacts.features_cache import require_features
+    from havir.artifacts.prepared import require_prepared
+    from havir.nsd.layout import check_subject
+
+    check_subject(subject)
+    require_prepared(data, subject)
+    if features:
+        require_features(data, subject)
+
+
+def _check_machine_options(threads: int | None, device: str) -> None:
+    """Check ``--threads`` and how ``--device`` is written with the other options, before any
+    file is looked at (whether the GPU is there is checked once torch is imported)."""
+    from havir.options import DEVICE_OPTIONS
+
+    check_options({"threads": Interval(int, 1, optional=True)} | DEVICE_OPTIONS, threads=threads, device=device)
+
+
 def _use_threads(threads: int | None) -> None:
-    """Check ``--threads`` (before any other work) and apply it."""
-    check_options({"threads": Interval(int, 1, optional=True)}, threads=threads)
+    """Apply the checked ``--threads`` (this imports torch)."""
     from havir.devices import use_threads
 
     use_threads(threads)
@@ -246,6 +264,12 @@ def prepare(
     as_json: JsonOpt = False,
 ) -> None:
     """Mask, normalise and split one subject's betas into a training-ready file."""
+    from havir.nsd.layout import NSDLayout, check_subject
+    from havir.options import PREPARE_OPTIONS
+
+    check_subject(subject)
+    check_options(PREPARE_OPTIONS, sessions=sessions)
+    NSDLayout(nsd_root).check_root()  # before h5py, nibabel and the mask code are imported
     from havir.prepare import prepare_subject
 
     summary = prepare_subject(
@@ -268,6 +292,11 @@ def features(
     as_json: JsonOpt = False,
 ) -> None:
     """Compute and cache the training targets: VAE latents, CLIP image tokens, CLIP text tokens."""
+    from havir.options import FEATURES_OPTIONS
+
+    check_options(FEATURES_OPTIONS, batch_size=batch_size)
+    _check_machine_options(threads, device)
+    _check_data(data, subject)
     _use_threads(threads)
     from havir.features import compute_features
 
@@ -314,6 +343,8 @@ def train(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the Structural Generator and the Semantic Extractor (or the ridge baseline)."""
+    _check_machine_options(threads, device)
+    _check_data(data, subject, features=True)
     _use_threads(threads)
     import dataclasses
 
@@ -354,13 +385,19 @@ def reconstruct(
     as_json: JsonOpt = False,
 ) -> None:
     """Reconstruct the test images of a trained run with dual-guided Versatile Diffusion."""
-    _use_threads(threads)
-    from havir.reconstruct import reconstruct_run
+    from havir.artifacts.run import read_finished_run
+    from havir.options import RECONSTRUCT_OPTIONS
 
-    settings = SamplerSettings(
+    settings = SamplerSettings(  # checks the sampler's settings (a light module: no torch yet)
         steps=steps, strength=strength, guidance=guidance, text_share=text_share, seed=seed, scheduler=scheduler.value,
         img2img_start=img2img_start.value,
     )
+    check_options(RECONSTRUCT_OPTIONS, limit=limit, batch_size=batch_size, candidates=candidates)
+    _check_machine_options(threads, device)
+    read_finished_run(run)  # before torch and the models are imported (seconds)
+    _use_threads(threads)
+    from havir.reconstruct import reconstruct_run
+
     summary = reconstruct_run(run, out, mode=mode.value, settings=settings, limit=limit, batch_size=batch_size, device=device,
                               dtype=dtype.value, candidates=candidates, encoder=encoder)
     _emit(summary, as_json, f"reconstructions in {out}")
@@ -395,13 +432,18 @@ def eval_command(
     as_json: JsonOpt = False,
 ) -> None:
     """Score reconstructions with the field's eight metrics; write per-image CSV and an HTML report."""
+    from havir.artifacts.reconstruction import require_reconstructions
+
+    check_options(_EVAL_OPTIONS, batch_size=batch_size)
+    _check_machine_options(threads, device)
+    _check_data(data, subject)
+    require_reconstructions(recon)
     _use_threads(threads)
     _refuse_launch("eval")
     from havir.devices import resolve_device
     from havir.metrics.evaluate import evaluate_folder
     from havir.metrics.protocols import get_preset
 
-    check_options(_EVAL_OPTIONS, batch_size=batch_size)
     preset = get_preset(protocol.value)
     resolve_device(device)  # a bad --device or --protocol is refused before any image is read
     from havir.io import output_folder
@@ -474,6 +516,7 @@ def demo(
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline on a synthetic NSD with small models, offline, ending in an HTML report."""
+    _check_machine_options(threads, device)
     _use_threads(threads)
     _refuse_launch("demo")
     from havir.demo import run_demo
@@ -491,66 +534,6 @@ def demo(
             table.add_row(run, mode, *(f"{value:.3f}" for value in metrics.values()), *(f"{demo_values[m]['mean']:.3f}" for m in measures))
     Console(width=max(stdout_console.width, 150)).print(table)  # numbers are never cut to fit a terminal
     stdout_console.print(f"finished in {summary['seconds']:.0f} s; open the report: {summary['report']}", markup=False, highlight=False)
-
-
-#: Libraries whose log records and warnings a command holds back (see :func:`_library_messages`).
-_LIBRARY_LOGGERS = ("transformers", "diffusers", "nibabel", "h5py", "accelerate", "huggingface_hub")
-
-
-#: Commands that load models (and so import diffusers and transformers anyway).
-_MODEL_COMMANDS = ("features", "train", "reconstruct", "eval", "demo")
-
-
-def _set_up_library_loggers(command: str | None) -> None:
-    """Let the libraries add their own stderr handlers now, before :func:`_library_messages`
-    swaps them: nibabel does on import ("nibabel.global"), diffusers and transformers on first use."""
-    if command is None or command.startswith("-"):  # help or usage: nothing runs
-        return
-    import nibabel  # noqa: F401 (0.15 s)
-
-    if command in _MODEL_COMMANDS:
-        from diffusers.utils import logging as diffusers_logging
-        from transformers.utils import logging as transformers_logging
-
-        diffusers_logging.get_logger("diffusers")
-        transformers_logging.get_logger("transformers")
-
-
-@contextlib.contextmanager
-def _library_messages(command: str | None, held: list[str]) -> Iterator[None]:
-    """Hold the libraries' log records and Python warnings raised while ``command`` runs, as
-    lines appended to ``held``.
-
-    The caller prints them once the command has succeeded (or failed with a bug); after a user
-    error they are dropped, so the error stays the one line on stderr (``--debug`` holds
-    nothing). Only these loggers, only for this call, are redirected: nothing is silenced for
-    the process.
-    """
-    _set_up_library_loggers(command)
-
-    class Hold(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            held.append(f"{record.levelname.lower()} ({record.name}): {record.getMessage()}")
-
-    # The libraries' own loggers and their children (nibabel prints through "nibabel.global").
-    names = {name for name in logging.root.manager.loggerDict if name.split(".")[0] in _LIBRARY_LOGGERS}
-    saved = {}
-    for name in sorted(names | set(_LIBRARY_LOGGERS)):
-        logger = logging.getLogger(name)
-        saved[name] = (logger.handlers[:], logger.propagate)
-        logger.handlers[:] = [Hold()] if name in _LIBRARY_LOGGERS else []
-        logger.propagate = name not in _LIBRARY_LOGGERS  # children reach their library's Hold
-    try:
-        with warnings.catch_warnings(record=True) as caught:  # the process's filters still apply
-            try:
-                yield
-            finally:
-                held.extend(f"warning ({w.category.__name__}): {w.message}" for w in caught)
-    finally:
-        for name, (handlers, propagate) in saved.items():
-            logger = logging.getLogger(name)
-            logger.handlers[:] = handlers
-            logger.propagate = propagate
 
 
 def _one_line(text: str) -> str:
@@ -572,7 +555,7 @@ def main(argv: list[str] | None = None) -> None:
         args.remove("--debug")
     held: list[str] = []
     try:
-        with contextlib.nullcontext() if debug else _library_messages(next(iter(args), None), held):
+        with contextlib.nullcontext() if debug else holding_library_messages(held):
             status = app(args=args, prog_name="havir", standalone_mode=False)
     except UsageError as err:
         if type(err).__name__ == "NoArgsIsHelpError":  # `havir` or `havir masks` alone: the help is the answer

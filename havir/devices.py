@@ -12,6 +12,8 @@ import torch
 from havir.distributed import processes
 from havir.errors import BatchTooLargeError, HavirError, InvalidInputError
 from havir.io import package_versions
+from havir.options import DEVICE_OPTIONS
+from havir.validation import check_options
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -28,14 +30,10 @@ def resolve_device(name: str = "auto") -> torch.device:
         if name not in ("auto", given.type, str(given)):
             raise InvalidInputError(f"under accelerate launch this process runs on {given}, not {name}: pass --device auto")
         return given
+    check_options(DEVICE_OPTIONS, device=name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise InvalidInputError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}") from err
-    if device.type not in ("cpu", "cuda"):
-        raise InvalidInputError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    device = torch.device(name)
     if device.type == "cuda":
         visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if visible == 0:

@@ -39,10 +39,11 @@ from havir.errors import InvalidInputError
 from havir.io import MODEL_STACK, atomic_path, check_free_space, flush_h5, is_disk_full, open_h5, output_folder, package_versions
 from havir.models.backbone import Backbone, checked_encoding, load_backbone
 from havir.nsd.layout import check_subject
+from havir.options import FEATURES_OPTIONS
 from havir.nsd.stimuli import iter_stimuli
 from havir.progress import track
 from havir.targets import TARGET_NAMES, TARGETS, encoded_from, stored_bytes, target_shapes
-from havir.validation import Interval, Rule, check_options, read_json
+from havir.validation import check_options, read_json
 
 @dataclass(frozen=True)
 class FeatureSettings:
@@ -51,10 +52,6 @@ class FeatureSettings:
     model: str
     dtype: str
     seed: int
-
-
-#: ``havir features``' numeric options.
-FEATURES_OPTIONS: dict[str, Rule] = {"batch_size": Interval(int, 1), "seed": Interval(int, 0, 2**32 - 1)}
 
 
 def _read_prepared(data: Path, subject: int) -> tuple[np.ndarray, dict[int, list[str]], Path]:

@@ -14,6 +14,7 @@ extends ``default.toml`` and may replace any table, so masks stay individual.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -73,6 +74,19 @@ class MaskDefinition:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, content: dict) -> MaskDefinition:
+        """The definition :meth:`to_dict` wrote (a prepared subject's record keeps it)."""
+
+        def selection(entry: dict) -> RoiSelection:
+            return RoiSelection(atlas=entry["atlas"], labels=tuple(entry["labels"]))
+
+        return cls(
+            name=content["name"], subject=content["subject"], within=selection(content["within"]),
+            structural=tuple(map(selection, content["structural"])), semantic=tuple(map(selection, content["semantic"])),
+            overlap=content["overlap"], description=content.get("description", ""),
+        )
 
     def sha256(self) -> str:
         """Hash of what the definition selects (not of its file's formatting)."""
@@ -188,6 +202,10 @@ class SubjectMasks:
     overlap_resolved : voxels that both sets selected and ``overlap`` assigned to one of them.
     other : bool array of shape (X, Y, Z): the ``within`` voxels in neither set (with both sets,
         all of ``nsdgeneral``: the input of Brain-Diffuser's ridge baseline).
+    roi_labels : int16 array of shape (X, Y, Z): 0 outside both sets, k in a voxel of the set's
+        ROI ``roi_names[k - 1]`` (where ROIs of a set overlap, the one listed later, e.g. a floc
+        ROI inside a stream, has the voxel).
+    roi_names : ``"structural: atlas/label"`` or ``"semantic: atlas/label"``, in the definition's order.
     """
 
     subject: int
@@ -198,6 +216,8 @@ class SubjectMasks:
     roi_counts: dict[str, dict[str, int]]
     overlap_resolved: int
     other: np.ndarray | None = None
+    roi_labels: np.ndarray | None = None
+    roi_names: tuple[str, ...] = ()
 
     @property
     def grid(self) -> tuple[int, int, int]:
@@ -263,6 +283,13 @@ def build_masks(layout: NSDLayout, subject: int, definition: MaskDefinition) -> 
                 f"the {name} set of mask definition {definition.name} selects no voxels of subj{subject:02d} "
                 f"inside {definition.within.atlas}: check its labels ({counts[name]})"
             )
+    roi_labels = np.zeros(reference.labels.shape, dtype=np.int16)
+    roi_names = []
+    for name, mask in (("structural", structural), ("semantic", semantic)):
+        for selection in getattr(definition, name):
+            for label in selection.labels:
+                roi_names.append(f"{name}: {selection.atlas}/{label}")
+                roi_labels[atlases[selection.atlas].voxels(label) & mask] = len(roi_names)
     return SubjectMasks(
         subject=subject,
         definition=definition,
@@ -272,6 +299,8 @@ def build_masks(layout: NSDLayout, subject: int, definition: MaskDefinition) -> 
         roi_counts=counts,
         overlap_resolved=int(both.sum()),
         other=within & ~structural & ~semantic,
+        roi_labels=roi_labels,
+        roi_names=tuple(roi_names),
     )
 
 
@@ -291,16 +320,20 @@ def save_masks(masks: SubjectMasks, out_dir: Path) -> dict[str, Path]:
     return paths
 
 
-def plot_masks(masks: SubjectMasks, layout: NSDLayout, out_png: Path) -> Path:
-    """Plot both sets over the subject's brain with nilearn (structural red, semantic blue).
+def mask_figure(masks: SubjectMasks, layout: NSDLayout) -> bytes:
+    """PNG of every ROI of both sets over the subject's brain (nilearn), one colour per ROI:
+    warm colours for the structural set's, cool ones for the semantic set's, named in a legend.
 
-    The background is the subject's mean functional volume when the release folder has it,
-    otherwise the brain outline taken from ``nsdgeneral`` (labels >= 0 are inside the brain).
+    Axial slices are cut through the sets, not through the whole head. The background is the
+    subject's mean functional volume when the release folder has it, otherwise the brain outline
+    taken from ``nsdgeneral`` (labels >= 0 are inside the brain).
     """
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display on a cluster node
+    import matplotlib.pyplot as plt
     from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
     from nilearn import plotting
 
     mean_path = layout.mean_volume(masks.subject)
@@ -309,29 +342,48 @@ def plot_masks(masks: SubjectMasks, layout: NSDLayout, out_png: Path) -> Path:
     else:
         brain = read_atlas(layout, masks.subject, "nsdgeneral").labels >= 0
         background = nib.Nifti1Image(brain.astype(np.float32), masks.affine)
-    labels = masks.structural.astype(np.int16) + 2 * masks.semantic.astype(np.int16)
-    roi = nib.Nifti1Image(labels, masks.affine)
-    # Axial slices through the masks, not through the whole head.
-    slices = np.unique(np.nonzero(labels)[2])
+    structural = [i for i, name in enumerate(masks.roi_names) if name.startswith("structural")]
+    colours = np.zeros((len(masks.roi_names), 4))
+    colours[structural] = plt.cm.autumn(np.linspace(0, 0.85, len(structural)))
+    semantic = [i for i in range(len(masks.roi_names)) if i not in structural]
+    colours[semantic] = plt.cm.winter(np.linspace(0, 1, len(semantic)))
+    slices = np.unique(np.nonzero(masks.roi_labels)[2])
     picked = slices[np.linspace(0, len(slices) - 1, min(6, len(slices))).round().astype(int)]
     cut_coords = [float((masks.affine @ [0, 0, z, 1])[2]) for z in picked]
+    shown = [k for k in range(1, len(masks.roi_names) + 1) if (masks.roi_labels == k).any()]
+    legend_rows = -(-len(shown) // 5)
+    figure = plt.figure(figsize=(12, 3 + 0.25 * legend_rows), facecolor="k")
+    share = 3 / (3 + 0.25 * legend_rows)  # of the height, for the slices; the legend goes below
     display = plotting.plot_roi(
-        roi,
+        nib.Nifti1Image(masks.roi_labels, masks.affine),
         bg_img=background,
-        cmap=ListedColormap(["tab:red", "tab:blue"]),
+        cmap=ListedColormap(colours),
         vmin=1,
-        vmax=2,
+        vmax=len(masks.roi_names),
         display_mode="z",
         cut_coords=cut_coords,
         colorbar=False,
         draw_cross=False,
         black_bg=True,
+        figure=figure,
+        axes=(0, 1 - share, 1, share),
         title=(
-            f"subj{masks.subject:02d}: structural {int(masks.structural.sum())} (red), "
-            f"semantic {int(masks.semantic.sum())} (blue) voxels"
+            f"subj{masks.subject:02d}: structural {int(masks.structural.sum())} voxels (warm), "
+            f"semantic {int(masks.semantic.sum())} voxels (cool)"
         ),
     )
-    with atomic_path(out_png) as temporary:
-        display.savefig(str(temporary), dpi=100)
+    handles = [Patch(color=colours[k - 1], label=masks.roi_names[k - 1]) for k in shown]
+    figure.legend(handles=handles, loc="lower center", ncol=5, fontsize=7, frameon=False, labelcolor="w")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, facecolor="k")
     display.close()
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def plot_masks(masks: SubjectMasks, layout: NSDLayout, out_png: Path) -> Path:
+    """Write :func:`mask_figure` to ``out_png`` (committed whole, or not at all)."""
+    figure = mask_figure(masks, layout)
+    with atomic_path(out_png) as temporary:
+        temporary.write_bytes(figure)
     return out_png

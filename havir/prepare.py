@@ -68,8 +68,9 @@ from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
 from havir.nsd.design import load_design, subject_trials
 from havir.nsd.layout import NSDLayout, check_subject
 from havir.nsd.stimuli import iter_stimuli, read_captions, read_stim_info, stimulus_side
+from havir.options import PREPARE_OPTIONS
 from havir.progress import track
-from havir.validation import Interval, OneOf, Rule, check_options
+from havir.validation import check_options
 
 _SETS = ("structural", "semantic", "other")
 _ROWS_PER_BLOCK = 512  # rows z-scored per block in the second pass
@@ -279,14 +280,6 @@ def _write_stimuli_and_captions(h5, layout, test_ids, side, captions) -> None:
     caption_ids = np.concatenate([[i] * len(captions[i]) for i in sorted(captions)]).astype(np.int64)
     h5["captions/nsd_id"] = caption_ids
     h5.create_dataset("captions/text", data=[c for i in sorted(captions) for c in captions[i]], dtype=h5py.string_dtype())
-
-
-#: ``havir prepare``'s options (``--sessions`` is also checked against the sessions on disk).
-PREPARE_OPTIONS: dict[str, Rule] = {
-    "sessions": Interval(int, 1, optional=True),
-    "betas_format": OneOf("auto", "hdf5", "nifti"),
-    "normalisation": OneOf(*NORMALISATIONS),
-}
 
 
 def prepare_subject(

@@ -36,17 +36,12 @@ from havir.distributed import processes
 from havir.errors import InvalidInputError
 from havir.io import MODEL_STACK, output_folder, package_versions, write_json
 from havir.metrics.scores import row_correlations
-from havir.models.backbone import MODES, Backbone, SamplerSettings, load_backbone
+from havir.models.backbone import Backbone, SamplerSettings, load_backbone
+from havir.options import RECONSTRUCT_OPTIONS
 from havir.progress import progress_report
 from havir.targets import TARGET_NAMES
-from havir.validation import Interval, OneOf, Rule, check_options
-#: ``havir reconstruct``'s options besides the sampler's.
-RECONSTRUCT_OPTIONS: dict[str, Rule] = {
-    "mode": OneOf(*MODES),
-    "limit": Interval(int, 1, optional=True),
-    "batch_size": Interval(int, 1),
-    "candidates": Interval(int, 1),
-}
+from havir.validation import check_options
+
 #: Subfolder of a reconstruction folder: each image's candidates' scores, when chosen by the brain.
 SELECTION = "selection"
 

@@ -1,7 +1,8 @@
 """An HTML report of an evaluation: metrics with intervals, a chart per kind of metric, the
 modes side by side (when their folders were evaluated too), the training curves of the run that
-made the reconstructions, the published rows, and every test image (stimulus | each
-reconstruction mode found beside the scored folder) with its scores, sortable by any metric.
+made the reconstructions, the subject's masks on its brain (when the prepared data names them),
+the published rows, and every test image (stimulus | each reconstruction mode found beside the
+scored folder) with its scores, sortable by any metric.
 
 The report is one self-contained file (images and chart embedded as data URIs), so it opens
 offline, can be mailed, and does not break when the folders move.
@@ -10,6 +11,7 @@ offline, can be mailed, and does not break when the folders move.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import json
 import textwrap
@@ -20,6 +22,7 @@ import numpy as np
 import PIL.Image
 from markupsafe import Markup
 
+from havir.artifacts.prepared import prepared_record_path
 from havir.artifacts.reconstruction import is_havir_reconstruction, load_reconstructions, read_manifest
 from havir.errors import HavirError, MissingInputError
 from havir.io import atomic_path
@@ -48,6 +51,7 @@ table { border-collapse: collapse; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: right; }
 th:first-child, td:first-child, table:not(.grid) td:last-child { text-align: left; }
 .note { background: #fff7e0; border-left: 4px solid #e0a800; padding: 0.5em 1em; }
+img.figure { max-width: 100%; height: auto; }
 .grid td { text-align: center; font-size: 0.8em; }
 .grid img { width: 128px; height: 128px; image-rendering: auto; }
 .grid th.sortable { cursor: pointer; text-decoration: underline dotted; }
@@ -205,6 +209,42 @@ def training_curves(recon: Path) -> bytes | None:
     return buffer.getvalue()
 
 
+def masks_figure(data: Path | None, subject: int | None) -> tuple[bytes | None, str | None]:
+    """(PNG of the subject's ROI masks on its brain, a note when they cannot be drawn).
+
+    The masks are rebuilt (:func:`havir.masks.build_masks`, drawn by
+    :func:`havir.masks.mask_figure`) from what the prepared subject's record names: the NSD
+    release folder and the mask definition. They are drawn only when their voxel counts are
+    the record's, so the figure shows the voxels the decoders read. Prepared data without such
+    a record gives (None, None): the report has no masks section.
+    """
+    record_file = prepared_record_path(data, subject) if data is not None and subject is not None else None
+    try:
+        record = json.loads(record_file.read_text()) if record_file is not None and record_file.is_file() else {}
+        recorded, nsd_root = record["masks"], record["nsd_root"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None, None
+    return _drawn_masks(json.dumps({"masks": recorded, "nsd_root": nsd_root, "subject": subject}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4)  # the demo writes six reports of one subject
+def _drawn_masks(key: str) -> tuple[bytes | None, str | None]:
+    from havir.masks import MaskDefinition, build_masks, mask_figure
+    from havir.nsd.layout import NSDLayout
+
+    named = json.loads(key)
+    recorded, layout = named["masks"], NSDLayout(named["nsd_root"])
+    try:
+        masks = build_masks(layout, named["subject"], MaskDefinition.from_dict(recorded["definition_content"]))
+    except (HavirError, KeyError, TypeError) as err:
+        return None, f"masks not drawn: they cannot be rebuilt from {layout.root} ({err})"
+    counts = {which: int(masks.summary()[f"{which}_voxels"]) for which in ("structural", "semantic")}
+    if counts != {which: recorded.get(f"{which}_voxels") for which in counts}:
+        return None, (f"masks not drawn: {layout.root} now gives {counts['structural']} structural and "
+                      f"{counts['semantic']} semantic voxels, not the prepared data's")
+    return mask_figure(masks, layout), None
+
+
 def mode_rows(evaluation: Evaluation, columns: Sequence[tuple[str, Path]], recon: Path) -> tuple[list[dict], list[str]]:
     """One row per reconstruction mode (label, n, every metric's mean): the scored folder's from
     ``evaluation``, each sibling's from its own ``eval/eval.json`` when it was evaluated; and a
@@ -264,6 +304,10 @@ and the measured betas; the ceiling is the same from the ground-truth stimuli. E
 {% for name, ceiling in brain.ceilings.items() %}<tr><td>{{ name }} set</td><td>{{ "%.3f"|format(brain_values[name]) }}</td><td>{{ "%.3f"|format(ceiling) }}</td><td>{{ "%.2f"|format(brain.ratios[name]) if brain.ratios[name] is not none else "—" }}</td></tr>
 {% endfor %}{% for name, value in brain.rois.items() %}<tr><td>{{ name }}</td><td>{{ "%.3f"|format(value) }}</td><td>{{ "%.3f"|format(brain.roi_ceilings[name]) }}</td><td></td></tr>
 {% endfor %}</table>{% endif %}
+{% if masks %}<h2>Masks</h2>
+<p>The voxels the decoders read, one colour per ROI (structural set warm, semantic set cool), on
+axial slices of the subject's brain.</p>
+<img class="figure" src="{{ masks }}" alt="the subject's structural and semantic ROIs on axial brain slices">{% endif %}
 {% if curves %}<h2>Training</h2>
 <p>Losses per epoch of the run that made these reconstructions (<code>metrics.jsonl</code>).</p>
 <img src="{{ curves }}" alt="training and validation losses per epoch">{% endif %}
@@ -299,13 +343,15 @@ def write_report(
     title: str = "HAVIR reconstruction report",
     notes: Sequence[str] = (),
     thumbnail_side: int = 128,
+    data: Path | None = None,
 ) -> Path:
     """Write ``out/report.html`` and ``out/metrics.png`` (the bar charts); returns the report's path.
 
     ``ground_truth`` : uint8 (n, s, s, 3) in the order of ``evaluation.nsd_ids``. ``notes`` are
     shown first, in a highlighted box (the demo says there which components are random); notes
     about sibling folders left out are added to ``evaluation.notes``. Every test image is in the
-    grid, as a ``thumbnail_side``-pixel JPEG.
+    grid, as a ``thumbnail_side``-pixel JPEG. ``data`` (the prepared data folder) lets the report
+    draw the subject's masks (:func:`masks_figure`).
     """
     from jinja2 import Environment
 
@@ -346,14 +392,17 @@ def write_report(
     def comparison_table(rows, last):
         return Markup(table.render(rows=rows, names=PROTOCOL_NAMES, titles=_TITLES, last=last, fmt=_format))
 
-    data = evaluation.protocol.get("data", {})
+    data_protocol = evaluation.protocol.get("data", {})
+    masks, masks_note = masks_figure(data, data_protocol.get("subject"))
+    evaluation.notes.extend([masks_note] if masks_note else [])
     curves = training_curves(recon)
     page = environment.from_string(_PAGE).render(
-        title=title, style=Markup(_STYLE), data=data, subject=subject_label(data)[:1].upper() + subject_label(data)[1:], n=len(evaluation.nsd_ids),
+        title=title, style=Markup(_STYLE), data=data_protocol,
+        subject=subject_label(data_protocol)[:1].upper() + subject_label(data_protocol)[1:], n=len(evaluation.nsd_ids),
         preset=evaluation.protocol.get("preset", "mindeye2"), recon=str(recon), notes=[*notes, *evaluation.notes],
         metric_rows=metric_rows, skipped=evaluation.skipped, chart=_data_uri(chart),
         modes=modes, mode_names=[n for n in score_names if any(n in row for row in modes)],
-        curves=_data_uri(curves) if curves else None,
+        curves=_data_uri(curves) if curves else None, masks=_data_uri(masks) if masks else None,
         comparison=comparison_rows(evaluation, "this run"), table=comparison_table, titles=_TITLES, fmt=_format,
         grid_labels=[label for label, _ in columns], grid_rows=grid_rows, score_names=score_names,
         higher={n: evaluation.scores[n].higher_is_better for n in score_names},

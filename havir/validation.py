@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -135,7 +136,21 @@ class KeyOf:
         return "one of " + ", ".join(self.registry)
 
 
-Rule = Interval | OneOf | ListOf | AnyOf | KeyOf
+@dataclass(frozen=True)
+class Matches:
+    """A string that the regular expression ``pattern`` matches whole; ``shown`` says it in words."""
+
+    pattern: str
+    shown: str
+
+    def allows(self, value: Any) -> bool:
+        return isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
+
+    def __str__(self) -> str:
+        return self.shown
+
+
+Rule = Interval | OneOf | ListOf | AnyOf | KeyOf | Matches
 
 
 def check_values(

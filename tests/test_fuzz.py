@@ -689,4 +689,4 @@ def test_library_messages_are_printed_after_success_and_before_a_bug(monkeypatch
     with pytest.raises(RuntimeError, match="a bug"):
         main(["synth-nsd", "--out", "somewhere", "--json"])
     assert "a note from nibabel" in capsys.readouterr().err
-    assert havir.cli.logging.getLogger("nibabel.global").handlers  # its own handler is back
+    assert logging.getLogger("nibabel.global").handlers  # its own handler is back

@@ -1,5 +1,7 @@
 """Mask definitions and per-subject masks, checked against the atlas files read directly."""
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -103,3 +105,30 @@ def test_unknown_label_is_named_with_the_atlas_labels(two_subject_nsd, tmp_path)
 def test_definition_for_another_subject_is_refused():
     with pytest.raises(ValueError, match="written for subject 2, not subject 1"):
         definition_for(1, definitions_dir() / "subj02.toml")
+
+
+def test_each_voxel_of_a_set_is_labelled_with_its_roi(two_subject_nsd):
+    """The per-ROI volume the masks figure colours, against the atlas files read directly: a
+    structural voxel has its prf-visualrois ROI; a semantic voxel its floc ROI where it has one
+    (listed after the streams, drawn over them), else its stream."""
+    root, _ = two_subject_nsd
+    masks = build_masks(NSDLayout(root), 1, definition_for(1))
+    names = list(masks.roi_names)
+    assert names[:7] == [f"structural: prf-visualrois/{v}" for v in ("V1v", "V1d", "V2v", "V2d", "V3v", "V3d")] + [
+        "semantic: streams/ventral"]
+    np.testing.assert_array_equal(masks.roi_labels > 0, masks.structural | masks.semantic)
+    prf = atlas(root, 1, "prf-visualrois")
+    np.testing.assert_array_equal(masks.roi_labels[masks.structural], prf[masks.structural])  # V1v..V3d are 1..6
+    in_floc = np.zeros_like(masks.semantic)
+    for floc in ("floc-faces", "floc-bodies", "floc-places", "floc-words"):
+        in_floc |= atlas(root, 1, floc) > 0
+    floc_voxels, stream_voxels = masks.semantic & in_floc, masks.semantic & ~in_floc
+    assert floc_voxels.any() and stream_voxels.any()
+    assert all(names[k - 1].startswith("semantic: floc-") for k in np.unique(masks.roi_labels[floc_voxels]))
+    streams = atlas(root, 1, "streams")  # ventral, lateral, parietal are 5, 6, 7: names 7..9
+    np.testing.assert_array_equal(masks.roi_labels[stream_voxels], streams[stream_voxels] + 2)
+
+
+def test_a_recorded_definition_reads_back_as_itself():
+    definition = definition_for(3)
+    assert type(definition).from_dict(json.loads(json.dumps(definition.to_dict()))) == definition

@@ -66,3 +66,32 @@ def test_model_artefacts_record_the_versions_that_made_them(tmp_path):
     for artefact, versions in recorded.items():
         assert {"havir", *MODEL_STACK} <= versions.keys(), artefact
         assert versions["diffusers"] == metadata.version("diffusers"), artefact
+
+
+def test_readme_reads_on_a_package_page():
+    """The README is the wheel's long description: a package page has no checkout beside it, so
+    every link is absolute, and each image is this repository's raw file of a path that exists
+    here; a GPU user is told to install torch for their CUDA before HAVIR (issue 18)."""
+    import re
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    repository = project["urls"]["Repository"]
+    owner_repo = re.fullmatch(r"https://github\.com/([\w.-]+/[\w.-]+)", repository)[1]
+    readme = (ROOT / "README.md").read_text()
+    targets = re.findall(r"\]\(([^)\s]+)\)", readme)
+    images = re.findall(r"!\[[^\]]*\]\(([^)\s]+)\)", readme)
+    assert images and all(target.startswith("https://") for target in targets), targets
+    for image in images:
+        path = re.fullmatch(rf"https://raw\.githubusercontent\.com/{re.escape(owner_repo)}/main/(.+)", image)
+        assert path and (ROOT / path[1]).is_file(), image
+    torch_first = readme.index("pip install torch==")
+    assert torch_first < readme.index("pip install -c constraints.txt .") and "download.pytorch.org/whl/cu" in readme
+
+
+def test_the_hub_command_is_hf_download_everywhere():
+    """huggingface-cli is gone from the pinned huggingface_hub: no message or page names it."""
+    files = [*ROOT.glob("havir/**/*.py"), *ROOT.glob("docs/**/*.md"), *ROOT.glob("scripts/**/*"), ROOT / "README.md",
+             ROOT / "Makefile"]
+    named = [str(f.relative_to(ROOT)) for f in files if f.is_file() and "huggingface-cli" in f.read_text(errors="replace")]
+    assert named == []
+    assert "hf download" in (ROOT / "havir" / "models" / "versatile.py").read_text()

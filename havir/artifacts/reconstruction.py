@@ -29,6 +29,14 @@ _PNG_NAME = re.compile(r"^(\d+)\.png$")
 _CANONICAL = re.compile(r"^(0|[1-9]\d*)\.png$")
 
 
+def require_reconstructions(folder: Path) -> Path:
+    """``folder`` if it is a folder (of reconstructions), or one line saying what to pass."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingInputError(f"reconstruction folder {folder} does not exist: pass the --out folder of `havir reconstruct`")
+    return folder
+
+
 def reconstruction_ids(folder: Path) -> set[int]:
     """The nsdIds of the ``<nsdId>.png`` files in ``folder``.
 
@@ -85,10 +93,7 @@ def load_reconstructions(folder: Path, nsd_ids: np.ndarray, *, exact: bool = Tru
     With ``exact`` (scoring) the folder must hold exactly these images: a missing or an extra
     id is an error naming them, so that two methods are never compared on different image sets.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise MissingInputError(f"reconstruction folder {folder} does not exist: pass the --out folder of `havir reconstruct`")
-    present = reconstruction_ids(folder)
+    present = reconstruction_ids(require_reconstructions(folder))
     wanted = {int(i) for i in nsd_ids}
 
     def listed(ids: set[int]) -> str:

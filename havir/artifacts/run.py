@@ -9,16 +9,18 @@ state to resume; ``summary.json`` is written last and marks the run finished.
 from __future__ import annotations
 
 from pathlib import Path
-
-import torch
-from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
-from safetensors import SafetensorError
-from safetensors.torch import load, save_file
+from typing import TYPE_CHECKING
 
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path
-from havir.models.decoders import DECODERS
 from havir.validation import read_json
+
+if TYPE_CHECKING:
+    import torch
+
+# torch, diffusers, safetensors and the decoders are imported by the functions that save or load
+# weights: `havir reconstruct` reads a run's records first, and refuses a missing run at once
+# rather than after seconds of imports.
 
 #: The decoder folders of a run, one per role (what each reads and predicts, see :mod:`havir.targets`).
 DECODER_ROLES = ("structural", "semantic")
@@ -41,6 +43,9 @@ def read_finished_run(run: Path) -> dict:
 def save_decoder(model, weights: dict[str, torch.Tensor], folder: Path) -> None:
     """Write ``weights`` in ``model``'s save_pretrained layout (config.json + safetensors), as one
     folder committed by one rename, so a crash never leaves half a model."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors.torch import save_file
+
     with atomic_path(folder) as temporary:
         model.save_config(temporary)
         save_file({k: v.contiguous() for k, v in weights.items()}, temporary / SAFETENSORS_WEIGHTS_NAME)
@@ -50,6 +55,10 @@ def load_decoder(cls, folder: Path):
     """``cls.from_pretrained(folder)`` that works in any folder: safetensors' file loader takes
     only UTF-8 paths (a run folder named in Latin-1 could not reload its own model), so the
     weights are read here as bytes."""
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
     try:
         model = cls.from_config(cls.load_config(folder))
         model.load_state_dict(load((Path(folder) / SAFETENSORS_WEIGHTS_NAME).read_bytes()))
@@ -63,6 +72,8 @@ def load_decoders(run: Path, device: torch.device | str = "cpu") -> dict:
     """``{role: decoder}`` of a run's ``structural/`` and ``semantic/`` folders, each rebuilt as the
     class named in its ``config.json`` (``_class_name``; see :data:`havir.models.decoders.DECODERS`),
     in eval mode on ``device``."""
+    from havir.models.decoders import DECODERS
+
     decoders = {}
     for role in DECODER_ROLES:
         folder = Path(run) / role

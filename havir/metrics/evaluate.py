@@ -14,7 +14,6 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import h5py
 import numpy as np
 import torch
 
@@ -147,7 +146,7 @@ def load_ground_truth(data: Path, subject: int) -> tuple[np.ndarray, np.ndarray,
     the data protocol: subject, sessions read, number of test images, normalisation)."""
     check_subject(subject)
     prepared = require_prepared(data, subject)
-    with h5py.File(prepared, "r") as h5:
+    with reading_prepared(prepared) as h5:  # a damaged file is one line, not a traceback
         if "test/stimuli" not in h5:
             raise InvalidInputError(f"{prepared} holds no test stimuli: run `havir prepare` again")
         nsd_ids = h5["test/stimulus_nsd_id"][()]
@@ -289,7 +288,7 @@ def evaluate_folder(
     evaluation.outputs = {"json": out / "eval.json", "csv": out / "per_image.csv"}
     if report:
         evaluation.outputs |= {"report": out / "report.html", "chart": out / "metrics.png"}
-        write_report(evaluation, truth, Path(recon), out, notes=notes)
+        write_report(evaluation, truth, Path(recon), out, notes=notes, data=Path(data))
     write_evaluation(evaluation, out)
     return evaluation
 

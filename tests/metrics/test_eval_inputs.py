@@ -39,6 +39,15 @@ def test_one_canonical_name_per_image(small_eval, run_cli):
     assert status == 2 and "0012.png" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
+def test_a_damaged_prepared_file_is_one_line(small_eval, run_cli):
+    """It was read with h5py directly: an OSError traceback, reported as a bug."""
+    data, recon, _ = small_eval
+    (data / "subj01.h5").write_bytes(b"not HDF5")
+    status, _, err = run_cli("eval", "--recon", recon, "--data", data, "--subject", 1, "--skip-missing")
+    assert status == 2 and err.startswith("error: prepared file") and "damaged or not HDF5" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
 def test_16_bit_grayscale_is_scaled_and_16_bit_colour_refused(tmp_path):
     levels = np.array([[0, 257, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
     PIL.Image.fromarray(levels).save(tmp_path / "1.png")

@@ -1,6 +1,8 @@
 """`havir eval`: scoring folders of reconstructions, its outputs, and its errors."""
 
+import base64
 import csv
+import io
 import json
 import re
 import shutil
@@ -90,7 +92,7 @@ def test_outputs_csv_json_and_report(truth, random_networks, tmp_path):
     assert [row["method"] for row in record["comparison"]["rows"]][-1] == "this run"
     assert record["protocol"]["preset"] == "mindeye2" and record["protocol"]["record"]["working_resize"]["size"] == 256
     page = (out / "report.html").read_text()
-    assert page.count("<img") == 1 + 20 * 3  # the chart; stimulus | structural | fused for every test image
+    assert page.count("<img") == 2 + 20 * 3  # the chart, the masks; stimulus | structural | fused for every test image
     assert "RANDOM weights" in page and "MindEye2" in page and "40 sessions" in page
     assert "synthetic subject 1" in page and "NSD subject 1" not in page
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -129,7 +131,7 @@ def test_report_scores_every_image_compares_modes_and_shows_training(truth, rand
     assert [(mode, n) for mode, n, _ in rows] == [("structural", "20"), ("fused", "20")]
     assert f"<td>{first.scores['pixcorr'].mean:.3f}</td>" in rows[0][2]
     assert f"<td>{evaluation.scores['pixcorr'].mean:.3f}</td>" in rows[1][2]
-    assert "<h2>Training</h2>" in page and page.count("<img") == 2 + 20 * 3  # chart, curves, the grid
+    assert "<h2>Training</h2>" in page and page.count("<img") == 3 + 20 * 3  # chart, masks, curves, the grid
 
 
 def test_chart_panels_by_kind_and_title():
@@ -185,3 +187,42 @@ def test_cli_mismatched_sets_name_the_ids(truth, tmp_path, run_cli, offline_cach
     assert status == 2 and "does not exist" in err
     status, _, err = run_cli("eval", "--recon", recon, "--data", tmp_path, "--subject", 1)
     assert status == 2 and "havir prepare" in err
+
+
+def _masks_section(recon):
+    page = (recon / "eval" / "report.html").read_text()
+    found = re.search(r'<h2>Masks</h2>.*?<img[^>]* src="data:image/png;base64,([^"]+)"', page, re.S)
+    return page, (np.asarray(PIL.Image.open(io.BytesIO(base64.b64decode(found[1]))).convert("RGB")) if found else None)
+
+
+def test_report_draws_the_subjects_masks_from_its_prepared_record(truth, tmp_path):
+    """The prepared record names the NSD release and the mask definition: the report shows the
+    ROIs on the brain, the first structural ROI in autumn's red, the first semantic one in
+    winter's blue (one colour per ROI)."""
+    data, nsd_ids, images = truth
+    recon = _write_folder(tmp_path / "recon", nsd_ids, images)
+    evaluate_folder(recon, data, 1, networks={}, progress=False, resamples=10)
+    _, figure = _masks_section(recon)
+    assert figure is not None
+    colours = {tuple(c) for c in figure.reshape(-1, 3)[::3]}
+    assert (255, 0, 0) in colours and (0, 0, 255) in colours
+
+
+def test_report_without_drawable_masks_has_no_masks_section(truth, tmp_path):
+    """No record of the masks (data prepared elsewhere): no section, no note. A record whose NSD
+    release has moved: no section, and a note saying why."""
+    data, nsd_ids, images = truth
+    recon = _write_folder(tmp_path / "recon", nsd_ids, images)
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved, ignore=shutil.ignore_patterns("*_features.h5"))
+    record = json.loads((moved / "subj01.json").read_text())
+    (moved / "subj01.json").write_text(json.dumps(record | {"nsd_root": str(tmp_path / "gone")}))
+    evaluation = evaluate_folder(recon, moved, 1, networks={}, progress=False, resamples=10)
+    page, figure = _masks_section(recon)
+    assert figure is None and "<h2>Masks</h2>" not in page
+    assert any(note.startswith("masks not drawn") and "gone" in note for note in evaluation.notes)
+    assert "masks not drawn" in page
+    (moved / "subj01.json").write_text(json.dumps({"sessions": record["sessions"]}))
+    evaluation = evaluate_folder(recon, moved, 1, networks={}, progress=False, resamples=10)
+    page, figure = _masks_section(recon)
+    assert figure is None and "Masks" not in page and not any("masks" in note for note in evaluation.notes)

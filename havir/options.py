@@ -1,0 +1,35 @@
+"""The rules of the stages' options, as data, in a module that imports nothing heavy.
+
+Each stage checks its own options (a notebook calling the library is refused like the command
+line); the command line checks them too, first, before it looks at any file and before it imports
+torch and the models (seconds): a bad option, then a missing input, are each said at once.
+"""
+
+from __future__ import annotations
+
+from havir.artifacts.prepared import NORMALISATIONS
+from havir.models.backbone import MODES
+from havir.validation import Interval, Matches, OneOf, Rule
+
+#: ``--device``, as written (:func:`havir.devices.resolve_device` also checks that the GPU is there).
+DEVICE_OPTIONS: dict[str, Rule] = {"device": Matches(r"auto|(cpu|cuda)(:\d+)?", "auto, cpu, cuda or cuda:N")}
+
+#: ``havir prepare``'s options (``--sessions`` is also checked against the sessions on disk).
+PREPARE_OPTIONS: dict[str, Rule] = {
+    "sessions": Interval(int, 1, optional=True),
+    "betas_format": OneOf("auto", "hdf5", "nifti"),
+    "normalisation": OneOf(*NORMALISATIONS),
+}
+
+#: ``havir features``' numeric options.
+FEATURES_OPTIONS: dict[str, Rule] = {"batch_size": Interval(int, 1), "seed": Interval(int, 0, 2**32 - 1)}
+
+#: ``havir reconstruct``'s options besides the sampler's.
+RECONSTRUCT_OPTIONS: dict[str, Rule] = {
+    "mode": OneOf(*MODES),
+    "limit": Interval(int, 1, optional=True),
+    "batch_size": Interval(int, 1),
+    "candidates": Interval(int, 1),
+}
+# The sampler's settings are checked by :class:`~havir.models.backbone.SamplerSettings` itself
+# (a light module too), the modes are the backbone's.
