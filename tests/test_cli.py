@@ -238,10 +238,12 @@ def test_synth_nsd_old_forms_still_work_with_a_deprecation_line(run_cli, monkeyp
 
 def test_reconstruct_defaults_are_the_sampler_settings_defaults(run_cli, monkeypatch, tmp_path):
     """The command line reads its defaults from SamplerSettings (issue 15, item 6), never its own copy."""
+    import havir.artifacts.run
     import havir.reconstruct
     from havir.models.backbone import SamplerSettings
 
     received = {}
+    monkeypatch.setattr(havir.artifacts.run, "read_finished_run", lambda run: {})
     monkeypatch.setattr(havir.reconstruct, "reconstruct_run", lambda run, out, **options: received.update(options) or {})
     status, _, stderr = run_cli("reconstruct", "--run", tmp_path / "run", "--out", tmp_path / "recon")
     assert status == 0, stderr
