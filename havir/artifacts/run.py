@@ -18,6 +18,7 @@ from safetensors.torch import load, save_file
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path
 from havir.models.decoders import DECODERS
+from havir.models.ridge import RidgeDecoder
 from havir.validation import read_json
 
 #: The decoder folders of a run, one per role (what each reads and predicts, see :mod:`havir.targets`).
@@ -75,3 +76,13 @@ def load_decoders(run: Path, device: torch.device | str = "cpu") -> dict:
             )
         decoders[role] = load_decoder(DECODERS[name], folder).to(device)
     return decoders
+
+
+def load_ridge(run: Path, device: torch.device | str = "cpu") -> RidgeDecoder:
+    """The ridge baseline of a run (``model = "ridge"``): ``RUN/ridge/``; a missing or damaged
+    one is one line saying to train again."""
+    folder = Path(run) / "ridge"
+    try:
+        return RidgeDecoder.from_pretrained(folder, device=str(device))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # missing, damaged or not JSON
+        raise InvalidInputError(f"ridge decoder in {folder} cannot be loaded ({type(err).__name__}: {err}): {_RETRAIN}") from err
