@@ -179,7 +179,7 @@ def _plot_volume(volume: nib.Nifti1Image, background: nib.Nifti1Image, title: st
     picked = slices[np.linspace(0, len(slices) - 1, min(6, len(slices))).round().astype(int)]
     cut_coords = [float((volume.affine @ [0, 0, z, 1])[2]) for z in picked]
     display = plotting.plot_stat_map(volume, bg_img=background, display_mode="z", cut_coords=cut_coords, cmap="hot",
-                                     vmin=0, threshold=float(np.quantile(data[data > 0], 0.5)), draw_cross=False,
+                                     vmin=0, threshold=1e-6 * float(data.max()), draw_cross=False,  # zeros (not inputs) transparent
                                      black_bg=True, title=title, colorbar=True)
     with atomic_path(out_png) as temporary:
         display.savefig(str(temporary), dpi=100)
@@ -301,6 +301,7 @@ def explain_run(
     """
     started = time.perf_counter()
     check_options(EXPLAIN_OPTIONS, baselines=baselines, steps=steps, batch_size=batch_size)
+    torch_device = resolve_device(device)  # a bad option is refused before any file is read
     runs = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
     if not runs:
         raise InvalidInputError("no run to explain: pass --run RUN (repeat it, one per subject, to compare subjects)")
@@ -310,7 +311,6 @@ def explain_run(
         raise InvalidInputError(
             f"several runs of subj{repeated[0]:02d} given: pass one run per subject (explain each run of a subject into its own --out)"
         )
-    torch_device = resolve_device(device)
     with output_folder(Path(out)) as out:
         tables = {f"subj{subject:02d}": _attribute_run(r, out, nsd_root=nsd_root, baselines=baselines, steps=steps, batch_size=batch_size,
                                                       device=torch_device, progress=progress)
