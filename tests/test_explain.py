@@ -41,17 +41,32 @@ atlas = "streams"
 labels = ["ventral", "lateral", "parietal", "midparietal"]
 """
 
+#: The same with fewer informative voxels per pathway (V1 only; the lateral and parietal
+#: streams), so that fewer redundant voxels share what the decoder weighs.
+SMALLER_SETS = """
+overlap = "structural"
+[within]
+atlas = "nsdgeneral"
+labels = ["nsdgeneral"]
+[[structural]]
+atlas = "prf-visualrois"
+labels = ["V1v", "V1d"]
+[[structural]]
+atlas = "streams"
+labels = ["midlateral"]
+[[semantic]]
+atlas = "streams"
+labels = ["lateral", "parietal", "midparietal"]
+"""
+
 #: The acceptance floor (issue 17): informative voxels above the rest, ROC AUC.
 FLOOR = 0.8
 
 
-@pytest.fixture(scope="module")
-def explained(two_subject_nsd, tmp_path_factory):
-    """Subject 1 prepared with :data:`INFORMATIVE_AND_NOISE`, a tiny run and ``havir explain``'s output."""
-    root, _ = two_subject_nsd
-    folder = tmp_path_factory.mktemp("explain")
-    definition = folder / "informative_and_noise.toml"
-    definition.write_text(INFORMATIVE_AND_NOISE)
+def _explain_with(definition_text, root, folder):
+    """Subject 1 prepared with ``definition_text``, a tiny run and ``havir explain``'s output."""
+    definition = folder / "definition.toml"
+    definition.write_text(definition_text)
     data, run, out = folder / "data", folder / "run", folder / "out"
     prepare_subject(root, 1, data, definition=definition, progress=False)
     compute_features(data, 1, model="tiny", progress=False)
@@ -61,6 +76,11 @@ def explained(two_subject_nsd, tmp_path_factory):
     with h5py.File(data / "subj01.h5") as h5:
         voxels = {name: h5[f"voxels/{name}"][()] for name in ("structural", "semantic")}
     return root, data, run, out, result, voxels
+
+
+@pytest.fixture(scope="module")
+def explained(two_subject_nsd, tmp_path_factory):
+    return _explain_with(INFORMATIVE_AND_NOISE, two_subject_nsd[0], tmp_path_factory.mktemp("explain"))
 
 
 def _aucs(explained) -> dict[str, float]:
@@ -93,6 +113,14 @@ def test_structural_attribution_ranks_layout_voxels_above_the_others(explained):
 def test_structural_attribution_still_prefers_layout_voxels(explained):
     """Not the acceptance floor (above, failing): a guard that the maps stay well above chance."""
     assert _aucs(explained)["vae_latents"] > 0.65
+
+
+def test_with_fewer_redundant_informative_voxels_both_pathways_pass(two_subject_nsd, tmp_path):
+    """Why the structural floor fails above: with 295 layout voxels (V1) instead of 1248
+    (V1-hV4) beside the same 195 noise voxels, each layout voxel keeps more of the decoder's
+    weight. Measured: vae_latents 0.831, clip_image 0.870, clip_text 0.821."""
+    aucs = _aucs(_explain_with(SMALLER_SETS, two_subject_nsd[0], tmp_path))
+    assert min(aucs.values()) >= FLOOR, aucs
 
 
 def test_maps_lie_on_the_subjects_grid_and_the_table_adds_up(explained):
