@@ -11,7 +11,7 @@ For every target (:mod:`havir.targets`: ``vae_latents`` from the structural path
   LayerNorm sees only the stem's bias (norm 0.26 against 11.6 at real responses, tiny preset),
   a singular point whose huge gradients dominate the path integral; on the synthetic NSD the
   zero baseline ranked informative voxels worse (ROC AUC 0.70 / 0.81 / 0.78 against 0.74 / 0.84
-  / 0.80 for the three targets). A target is many numbers, so one scalar per pair is
+  / 0.81 for the three targets, ``tests/test_explain.py``'s run). A target is many numbers, so one scalar per pair is
   attributed: the projection of the prediction on the direction from the baseline's prediction
   to the image's, ``s(x) = <f(x), u>`` with ``u = (f(x) - f(x')) / ||f(x) - f(x')||`` held fixed
   (detached). By IG's completeness the attributions then sum to ``||f(x) - f(x')||``, how far
@@ -36,14 +36,15 @@ What it writes in ``OUT`` (``subjXX/`` per run):
 ``roi_shares.png``                      with several runs: the subjects' shares side by side
 ======================================  ================================================================
 
-Attribution says which voxels the decoder's output is sensitive to along the path from the
-average response, not which voxels carry the information causally, nor what the brain does.
+Attribution says which voxels the decoder's output is sensitive to between one image's response
+and another's, not which voxels carry the information causally, nor what the brain does.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -52,7 +53,7 @@ import torch
 
 import havir
 from havir.artifacts.dataset import load_test_data, ridge_voxels
-from havir.artifacts.prepared import load_voxel_coordinates, prepared_path, prepared_record_path
+from havir.artifacts.prepared import load_voxel_coordinates, prepared_path, prepared_record_path, require_prepared
 from havir.artifacts.run import load_decoders, load_ridge, read_finished_run
 from havir.devices import resolve_device, smaller_batch_on_oom
 from havir.errors import InvalidInputError, MissingInputError
@@ -136,15 +137,13 @@ def ridge_attribution(ridge) -> dict[str, np.ndarray]:
             for target, coef in ridge.coef_.items()}
 
 
-def _read_atlases(record: dict, subject: int, nsd_root: Path | None, grid: tuple[int, ...]) -> dict[str, Atlas]:
-    root = Path(nsd_root) if nsd_root is not None else Path(record["nsd_root"])
-    layout = NSDLayout(root)
+def _read_atlases(root: Path, subject: int, grid: tuple[int, ...]) -> dict[str, Atlas]:
     if not root.is_dir():
         raise MissingInputError(
             f"the NSD release subj{subject:02d} was prepared from, {root}, does not exist: pass --nsd-root (its ROI "
             "atlases give the grid, the affine and the ROIs)"
         )
-    atlases = {name: read_atlas(layout, subject, name) for name in ATLASES}
+    atlases = {name: read_atlas(NSDLayout(root), subject, name) for name in ATLASES}
     for atlas in atlases.values():
         if atlas.labels.shape != grid:
             raise InvalidInputError(
@@ -222,24 +221,42 @@ def _plot_comparison(tables: dict[str, dict], out_png: Path) -> None:
     plt.close(figure)
 
 
-def _attribute_run(run: Path, out: Path, *, nsd_root, baselines, steps, batch_size, device, progress) -> dict:
-    """One run's volumes, figures and table (the entry of ``attribution.json`` for its subject)."""
+@dataclass
+class _RunInputs:
+    """What one run's attribution reads, checked before anything is written."""
+
+    run: Path
+    record: dict
+    nsd_root: Path
+    grid: tuple[int, ...]
+    atlases: dict[str, Atlas]
+
+
+def _run_inputs(run: Path, nsd_root: Path | None) -> _RunInputs:
     record = read_finished_run(run)
     subject, data = record["subject"], Path(record["data"])
-    test = load_test_data(data, subject)
-    prepared_record = read_json(prepared_record_path(data, subject), what="prepared record",
-                                fix="run `havir prepare` again", keys=("masks", "nsd_root"))
+    require_prepared(data, subject, with_record=True)
+    prepared_record = read_json(prepared_record_path(data, subject), what="prepared record", fix="run `havir prepare` again",
+                                keys=("masks", "nsd_root"))
+    root = Path(nsd_root) if nsd_root is not None else Path(prepared_record["nsd_root"])
     grid = tuple(prepared_record["masks"]["grid"])
+    return _RunInputs(Path(run), record, root, grid, _read_atlases(root, subject, grid))
+
+
+def _attribute_run(inputs: _RunInputs, out: Path, *, baselines, steps, batch_size, device, progress) -> dict:
+    """One run's volumes, figures and table (the entry of ``attribution.json`` for its subject)."""
+    run, record, grid, atlases = inputs.run, inputs.record, inputs.grid, inputs.atlases
+    subject, data = record["subject"], Path(record["data"])
+    test = load_test_data(data, subject)
     coordinates = load_voxel_coordinates(prepared_path(data, subject))
-    atlases = _read_atlases(prepared_record, subject, nsd_root, grid)
     affine = atlases["nsdgeneral"].affine
 
     # {pathway: ((n_inputs, 3) coordinates, {target: (n_inputs,) attribution})}
     if record["model"] == "ridge":
-        inputs = record.get("ridge", {}).get("inputs", "sets")
-        sets = ("structural", "semantic", "other") if inputs == "nsdgeneral" else ("structural", "semantic")
+        read = record.get("ridge", {}).get("inputs", "sets")  # which voxel sets the ridge reads (see ridge_voxels)
+        sets = ("structural", "semantic", "other") if read == "nsdgeneral" else ("structural", "semantic")
         ridge_input = np.concatenate([coordinates[name] for name in sets])
-        if len(ridge_input) != ridge_voxels(test, inputs).shape[1]:
+        if len(ridge_input) != ridge_voxels(test, read).shape[1]:
             raise InvalidInputError(f"the ridge in {run} reads other voxels than {data} holds: run `havir train` again")
         pathways = {"ridge": (ridge_input, ridge_attribution(load_ridge(run)))}
     else:
@@ -251,7 +268,7 @@ def _attribute_run(run: Path, out: Path, *, nsd_root, baselines, steps, batch_si
 
     folder = out / f"subj{subject:02d}"
     folder.mkdir(exist_ok=True)
-    background = _background(Path(nsd_root or prepared_record["nsd_root"]), subject, atlases)
+    background = _background(inputs.nsd_root, subject, atlases)
     table = {"run": str(Path(run).resolve()), "model": record["model"], "test_images": len(test.nsd_id),
              "targets": {}, "pathways": {}}
     for pathway, (voxels, attribution) in pathways.items():
@@ -305,16 +322,17 @@ def explain_run(
     runs = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
     if not runs:
         raise InvalidInputError("no run to explain: pass --run RUN (repeat it, one per subject, to compare subjects)")
-    subjects = [read_finished_run(r)["subject"] for r in runs]  # every run checked before any work
+    inputs = [_run_inputs(r, nsd_root) for r in runs]  # every run and its inputs checked before anything is written
+    subjects = [run_inputs.record["subject"] for run_inputs in inputs]
     repeated = sorted({s for s in subjects if subjects.count(s) > 1})
     if repeated:
         raise InvalidInputError(
             f"several runs of subj{repeated[0]:02d} given: pass one run per subject (explain each run of a subject into its own --out)"
         )
     with output_folder(Path(out)) as out:
-        tables = {f"subj{subject:02d}": _attribute_run(r, out, nsd_root=nsd_root, baselines=baselines, steps=steps, batch_size=batch_size,
+        tables = {f"subj{subject:02d}": _attribute_run(run_inputs, out, baselines=baselines, steps=steps, batch_size=batch_size,
                                                       device=torch_device, progress=progress)
-                  for r, subject in zip(runs, subjects)}
+                  for run_inputs, subject in zip(inputs, subjects)}
         figure = None
         if len(tables) > 1:
             figure = out / "roi_shares.png"
