@@ -403,6 +403,37 @@ def reconstruct(
     _emit(summary, as_json, f"reconstructions in {out}")
 
 
+@app.command()
+def explain(
+    run: Annotated[list[Path], typer.Option("--run", help="Folder written by havir train; repeat it, one run per subject, to compare subjects.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the attribution volumes (NIfTI), their figures and attribution.json.")],
+    nsd_root: Annotated[Optional[Path], typer.Option("--nsd-root", help="NSD release holding the ROI atlases (default: the one the data were prepared from).")] = None,
+    baselines: Annotated[int, typer.Option("--baselines", help="Other test images each image is attributed against (decoders only).")] = 4,
+    steps: Annotated[int, typer.Option("--steps", help="Integrated gradients' path points (decoders only).")] = 32,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Test images per attribution pass.")] = 16,
+    device: DeviceOpt = "auto",
+    threads: ThreadsOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Attribute each target to the input voxels: maps on the subject's grid and shares per ROI."""
+    _use_threads(threads)
+    _refuse_launch("explain")
+    from havir.explain import explain_run
+
+    result = explain_run(run, out, nsd_root=nsd_root, baselines=baselines, steps=steps, batch_size=batch_size, device=device)
+    if as_json:
+        _emit(result, as_json, "")
+        return
+    for subject, table in result["subjects"].items():
+        for pathway, shares in table["pathways"].items():
+            top = sorted(shares.items(), key=lambda item: -item[1])[:8]
+            rows = Table("ROI", "share", title=f"{subject}: {pathway} pathway, largest shares of attribution", title_justify="left")
+            for roi, share in top:
+                rows.add_row(roi, f"{share:.3f}")
+            stdout_console.print(rows)
+    stdout_console.print(f"maps and attribution.json in {result['output']}", markup=False, highlight=False)
+
+
 def _refuse_launch(command: str) -> None:
     """``command`` is not split across processes: under ``accelerate launch`` say so instead of running N copies."""
     from havir.distributed import processes

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
 
 import havir
 from havir.artifacts.dataset import load_test_data, ridge_voxels
@@ -30,7 +29,7 @@ from havir.artifacts.encoder import VOXEL_SETS, EncodingModel, check_encoder_mat
 from havir.artifacts.features_cache import features_path, features_settings
 from havir.artifacts.prepared import prepared_path, reading_prepared
 from havir.artifacts.reconstruction import abandon_if_empty, begin_reconstruction, write_manifest, write_reconstructions
-from havir.artifacts.run import load_decoders, read_finished_run
+from havir.artifacts.run import load_decoders, load_ridge, read_finished_run
 from havir.devices import resolve_device, resolve_dtype, smaller_batch_on_oom
 from havir.distributed import processes
 from havir.errors import InvalidInputError
@@ -185,19 +184,11 @@ def predict_test_set(run: Path, device: torch.device) -> tuple[np.ndarray, dict[
 
     Returns (nsd_ids (n,), {target name: tensor} for every target of :mod:`havir.targets`, the run's record).
     """
-    from havir.models.ridge import RidgeDecoder
-
-    fix = "run `havir train` again into a new --out"
     record = read_finished_run(run)
     test = load_test_data(Path(record["data"]), record["subject"])
     with torch.no_grad():
         if record["model"] == "ridge":
-            try:
-                ridge = RidgeDecoder.from_pretrained(Path(run) / "ridge", device=str(device))
-            except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # missing, damaged or not JSON
-                raise InvalidInputError(
-                    f"ridge decoder in {Path(run) / 'ridge'} cannot be loaded ({type(err).__name__}: {err}): {fix}"
-                ) from err
+            ridge = load_ridge(run, device)
             predicted = ridge.predict(ridge_voxels(test, record.get("ridge", {}).get("inputs", "sets")))
             predictions = {name: torch.as_tensor(value) for name, value in predicted.items()}
         else:

@@ -631,6 +631,7 @@ def test_cli_defaults_are_the_library_defaults():
     import inspect
 
     from havir.demo import run_demo
+    from havir.explain import explain_run
     from havir.features import compute_features
     from havir.nsd.synth import synthesize_nsd
     from havir.prepare import prepare_subject
@@ -649,6 +650,7 @@ def test_cli_defaults_are_the_library_defaults():
         ("train",): defaults(train_subject),
         ("reconstruct",): defaults(reconstruct_run) | {f: getattr(SamplerSettings(), f) for f in SamplerSettings.__dataclass_fields__},
         ("demo",): defaults(run_demo, {"fused_steps": "steps"}),
+        ("explain",): defaults(explain_run),
     }
     compared = 0
     for path, known in library.items():

@@ -97,3 +97,10 @@ def load_split(path: Path, split: str) -> PreparedSubject:
                 "for its trials: delete it and run `havir prepare` again"
             )
     return loaded
+
+
+def load_voxel_coordinates(path: Path) -> dict[str, np.ndarray]:
+    """``{set: (v, 3) int array}``: the ``(x, y, z)`` index on the subject's functional grid of
+    each column of a prepared file's ``structural``, ``semantic`` and ``other`` betas."""
+    with reading_prepared(path) as h5:
+        return {name: h5[f"voxels/{name}"][()].astype(np.int64) for name in ("structural", "semantic", "other")}

@@ -18,6 +18,8 @@ from havir.validation import read_json
 if TYPE_CHECKING:
     import torch
 
+    from havir.models.ridge import RidgeDecoder
+
 # torch, diffusers, safetensors and the decoders are imported by the functions that save or load
 # weights: `havir reconstruct` reads a run's records first, and refuses a missing run at once
 # rather than after seconds of imports.
@@ -86,3 +88,17 @@ def load_decoders(run: Path, device: torch.device | str = "cpu") -> dict:
             )
         decoders[role] = load_decoder(DECODERS[name], folder).to(device)
     return decoders
+
+
+def load_ridge(run: Path, device: torch.device | str = "cpu") -> RidgeDecoder:
+    """The ridge baseline of a run (``model = "ridge"``): ``RUN/ridge/``; a missing or damaged
+    one is one line saying to train again."""
+    from safetensors import SafetensorError
+
+    from havir.models.ridge import RidgeDecoder
+
+    folder = Path(run) / "ridge"
+    try:
+        return RidgeDecoder.from_pretrained(folder, device=str(device))
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as err:  # missing, damaged or not JSON
+        raise InvalidInputError(f"ridge decoder in {folder} cannot be loaded ({type(err).__name__}: {err}): {_RETRAIN}") from err

@@ -16,6 +16,10 @@ structural/semantic split matters:
 * each showing of an image gets independent noise, and each session drifts in offset and gain.
 
 Seeded and deterministic: the same arguments write the same bytes (but for file timestamps).
+
+Beside the release (outside its layout) the generator writes its ground truth per voxel,
+``OUT/havir-synth-truth/subjXX.npz``, for tests and ``havir explain`` checks to compare with: each
+voxel's role and how strongly layout and content drive it (:func:`read_synth_truth`).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import pandas as pd
 import scipy.io
 from PIL import Image
 
+from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, ensure_output_dir, open_h5, write_json
 from havir.nsd.betas import BETAS_SCALE
 from havir.nsd.layout import ATLASES, FALLBACK_LABELS, NSDLayout, check_subject
@@ -39,6 +44,13 @@ from havir.validation import Interval, OneOf, Rule, check_options
 RELEASE_SESSIONS = (40, 40, 32, 30, 40, 32, 40, 30)
 _FEATURE_GRID = 16  # receptive fields are evaluated on the image resampled to 16x16
 
+#: The sidecar folder (beside the release, not part of NSD's layout) and its format version.
+TRUTH_FOLDER = "havir-synth-truth"
+TRUTH_FORMAT = 1
+
+#: Voxel roles of :attr:`SubjectTruth.roles` and the sidecar, by value.
+ROLES = {0: "outside the brain", 1: "noise", 2: "early visual (layout-driven)", 3: "higher visual (content-driven)"}
+
 
 @dataclass
 class SubjectTruth:
@@ -46,7 +58,10 @@ class SubjectTruth:
 
     Counts are computed from the generator's own 0-based bookkeeping, not from the files.
     ``trial_nsd_id`` (0-based image id of each trial, in order) and ``roles`` (voxel role per
-    atlas-grid voxel: 0 outside brain, 1 noise, 2 early visual, 3 higher visual) are arrays.
+    atlas-grid voxel: 0 outside brain, 1 noise, 2 early visual, 3 higher visual) are arrays;
+    ``layout_drive`` and ``content_drive`` (float32 (X, Y, Z), percent signal change) are how
+    strongly each voxel is driven by the image's layout and by its content (see
+    :class:`VoxelTruth`); ``affine`` (4, 4) is the grid's.
     """
 
     subject: int
@@ -59,9 +74,13 @@ class SubjectTruth:
     test_trials: int
     trial_nsd_id: np.ndarray = field(repr=False)
     roles: np.ndarray = field(repr=False)
+    layout_drive: np.ndarray = field(repr=False)
+    content_drive: np.ndarray = field(repr=False)
+    affine: np.ndarray = field(repr=False)
 
     def counts(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k not in ("trial_nsd_id", "roles")}
+        arrays = ("trial_nsd_id", "roles", "layout_drive", "content_drive", "affine")
+        return {k: v for k, v in asdict(self).items() if k not in arrays}
 
 
 @dataclass
@@ -350,7 +369,79 @@ def synthesize_nsd(
         subjects=truths,
     )
     write_json(out / "synth_truth.json", truth.to_json())
+    _write_truth_sidecar(out, truth, signal, noise)
     return truth
+
+
+@dataclass(frozen=True)
+class VoxelTruth:
+    """The simulation's ground truth for every voxel of one subject's functional grid.
+
+    Attributes
+    ----------
+    subject : NSD subject.
+    roles : int8 (X, Y, Z): 0 outside the brain, 1 noise, 2 early visual (driven by layout:
+        retinotopic receptive fields), 3 higher visual (driven by content); see :data:`ROLES`.
+    layout_drive, content_drive : float32 (X, Y, Z), percent signal change: the standard
+        deviation, over the subject's images, of the voxel's response to the image's layout
+        (respectively its content) before session gain and trial noise; 0 where the simulation
+        does not drive it that way. Each driven voxel's response is standardised then scaled by
+        ``signal``, so a driven voxel's drive is ``signal`` (0 if its response happened to be
+        constant): the roles say *whether*, the drives *how strongly* in the betas' unit.
+    affine : float (4, 4), the grid's voxel-to-scanner transform (as the ROI atlases').
+    signal, noise : the release's settings (percent signal change): drive scale, trial noise sd.
+    """
+
+    subject: int
+    roles: np.ndarray
+    layout_drive: np.ndarray
+    content_drive: np.ndarray
+    affine: np.ndarray
+    signal: float
+    noise: float
+
+
+def truth_path(root: Path, subject: int) -> Path:
+    """Where :func:`synthesize_nsd` writes ``subject``'s ground truth under the release ``root``."""
+    return Path(root) / TRUTH_FOLDER / f"subj{subject:02d}.npz"
+
+
+def _write_truth_sidecar(out: Path, truth: SynthTruth, signal: float, noise: float) -> None:
+    """One ``.npz`` per subject (plain arrays, read back with ``allow_pickle=False``)."""
+    (out / TRUTH_FOLDER).mkdir(exist_ok=True)
+    for subject, facts in truth.subjects.items():
+        with atomic_path(truth_path(out, subject)) as temporary, open(temporary, "wb") as file:
+            np.savez_compressed(
+                file, format_version=np.int64(TRUTH_FORMAT), subject=np.int64(subject), roles=facts.roles,
+                layout_drive=facts.layout_drive, content_drive=facts.content_drive, affine=facts.affine,
+                signal=np.float64(signal), noise=np.float64(noise),
+            )
+
+
+def read_synth_truth(root: Path, subject: int) -> VoxelTruth:
+    """The ground truth :func:`synthesize_nsd` wrote beside a synthetic release for ``subject``."""
+    path = truth_path(root, subject)
+    if not path.is_file():
+        raise MissingInputError(
+            f"no synthetic ground truth for subj{subject:02d}: {path} does not exist (only `havir synth-nsd` "
+            "writes one, beside a synthetic release): pass the --out folder of `havir synth-nsd`, or write it again"
+        )
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            if int(stored["format_version"]) != TRUTH_FORMAT:
+                raise InvalidInputError(
+                    f"{path} is ground truth of format {int(stored['format_version'])}, this HAVIR reads format "
+                    f"{TRUTH_FORMAT}: write the synthetic release again with `havir synth-nsd`"
+                )
+            return VoxelTruth(
+                subject=int(stored["subject"]), roles=stored["roles"], layout_drive=stored["layout_drive"],
+                content_drive=stored["content_drive"], affine=stored["affine"], signal=float(stored["signal"]),
+                noise=float(stored["noise"]),
+            )
+    except (OSError, ValueError, KeyError) as err:
+        if isinstance(err, InvalidInputError):
+            raise
+        raise InvalidInputError(f"cannot read synthetic ground truth {path} ({err}): write the release again with `havir synth-nsd`") from err
 
 
 def _write_subject(
@@ -410,6 +501,10 @@ def _write_subject(
                 # h5py shows MATLAB's (X, Y, Z, trials) reversed; one chunk is one voxel's trials.
                 h5.create_dataset("betas", data=volume.transpose(0, 3, 2, 1), chunks=(trials_per_session, 1, 1, 1))
 
+    drive = {}  # sd over the subject's images of each voxel's stimulus-driven response, % signal change
+    for name, voxels, response in (("layout", early_voxels, early_response), ("content", higher_voxels, higher_response)):
+        drive[name] = np.zeros(grid, dtype=np.float32)
+        drive[name][tuple(voxels.T)] = signal * response.std(0)
     n_trials = n_sessions * trials_per_session
     k_read = ordering[:n_trials]
     test = k_read < n_shared
@@ -424,5 +519,8 @@ def _write_subject(
         test_trials=int(test.sum()),
         trial_nsd_id=images0[k_read],
         roles=roles,
+        layout_drive=drive["layout"],
+        content_drive=drive["content"],
+        affine=affine,
     )
 

@@ -7,11 +7,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import scipy.io
+import pytest
 from PIL import Image
 
+from havir.errors import MissingInputError
 from havir.nsd.layout import ATLASES, NSDLayout
 from havir.nsd.scenes import BACKGROUNDS
-from havir.nsd.synth import synthesize_nsd
+from havir.nsd.synth import TRUTH_FOLDER, read_synth_truth, synthesize_nsd
 from havir.prepare import load_split, prepare_subject
 
 
@@ -126,3 +128,32 @@ def test_structural_voxels_encode_layout_and_semantic_voxels_encode_content(two_
     assert structural_layout > 0.3 and structural_layout > semantic_layout + 0.2
     assert semantic_content > 0.8 and semantic_content > structural_content + 0.3
     assert abs(shuffled) < 0.15
+
+
+def test_ground_truth_sidecar_matches_the_generator_and_the_atlases(two_subject_nsd):
+    """The sidecar holds, per voxel of each grid, the in-memory truth: roles as the atlases on
+    disk define them (early = prf-visualrois > 0, outside = nsdgeneral < 0), and drives in
+    percent signal change exactly where (and only where) the role says the voxel is driven."""
+    root, truth = two_subject_nsd
+    layout = NSDLayout(root)
+    for subject, facts in truth.subjects.items():
+        stored = read_synth_truth(root, subject)
+        assert stored.subject == subject and stored.roles.shape == facts.grid and stored.roles.dtype == np.int8
+        np.testing.assert_array_equal(stored.roles, facts.roles)
+        np.testing.assert_array_equal(stored.layout_drive, facts.layout_drive)
+        np.testing.assert_array_equal(stored.content_drive, facts.content_drive)
+        roi = nib.load(layout.roi_file(subject, "prf-visualrois"))
+        np.testing.assert_allclose(stored.affine, roi.affine, atol=1e-5)  # NIfTI stores it in float32
+        np.testing.assert_array_equal(stored.roles == 2, np.asanyarray(roi.dataobj) > 0)
+        outside = np.asanyarray(nib.load(layout.roi_file(subject, "nsdgeneral")).dataobj) < 0
+        np.testing.assert_array_equal(stored.roles == 0, outside)
+        assert (stored.signal, stored.noise) == (1.5, 1.5)
+        assert np.array_equal(stored.layout_drive > 0, stored.roles == 2)
+        assert np.array_equal(stored.content_drive > 0, stored.roles == 3)
+        np.testing.assert_allclose(stored.layout_drive[stored.roles == 2], 1.5, rtol=1e-6)
+    assert not (root / "nsddata" / TRUTH_FOLDER).exists()  # beside the release, not inside its layout
+
+
+def test_missing_ground_truth_is_one_line(tmp_path):
+    with pytest.raises(MissingInputError, match=r"no synthetic ground truth for subj02: .*subj02\.npz does not exist .*havir synth-nsd"):
+        read_synth_truth(tmp_path, 2)
