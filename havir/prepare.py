@@ -64,7 +64,7 @@ from havir.artifacts.prepared import (  # noqa: F401 (the prepared file's names,
 from havir.errors import InvalidInputError, MissingInputError
 from havir.io import atomic_path, check_free_space, flush_h5, open_h5, output_folder, package_versions
 from havir.masks import build_masks, definition_for
-from havir.nsd.betas import BetasFile, open_betas, read_masked_betas
+from havir.nsd.betas import BetasFile, gzip_inflater, open_betas, read_masked_betas
 from havir.nsd.design import load_design, subject_trials
 from havir.nsd.layout import NSDLayout, check_subject
 from havir.nsd.stimuli import iter_stimuli, read_captions, read_stim_info, stimulus_side
@@ -346,6 +346,8 @@ def prepare_subject(
     split_of = {"train": ~trials.is_test, "test": trials.is_test}
     n_rows = {split: int(rows.sum()) for split, rows in split_of.items()}
 
+    inflater = gzip_inflater().name  # how .nii.gz betas are decompressed (same bytes either way)
+    fast_inflater = ["isal"] if inflater == "isal.igzip" else []
     stem = f"subj{subject:02d}"
     test_ids = np.unique(trials.nsd_id[trials.is_test])
     fingerprint = _fingerprint(subject, files, mask_definition.sha256(), captions_dir or layout.annotations_dir)
@@ -389,7 +391,8 @@ def prepare_subject(
             "masks": masks.summary() | {"definition_content": mask_definition.to_dict()},
             "nsd_root": str(Path(nsd_root).resolve()),
             "stimulus_side": side,
-            "versions": package_versions("numpy", "h5py", "nibabel", "scipy", "pandas"),
+            "versions": package_versions("numpy", "h5py", "nibabel", "scipy", "pandas", *fast_inflater)
+            | {"gzip_inflater": inflater},
         }
         try:
             with open_h5(partial, "a", needed=needed) as h5:

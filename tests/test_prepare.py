@@ -67,6 +67,27 @@ def test_nifti_and_hdf5_give_identical_files(prepared):
             np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
 
 
+def _datasets(path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file, by name."""
+    arrays = {}
+    with h5py.File(path) as h5:
+        h5.visititems(lambda name, item: arrays.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def test_fast_inflater_and_zlib_prepare_identical_files(prepared, without_isal, tmp_path):
+    pytest.importorskip("isal.igzip")  # else both runs would use zlib
+    root, _, out, _ = prepared
+    prepare_subject(root, 1, tmp_path, betas_format="nifti", progress=False)
+    fast, standard = _datasets(out / "nifti/subj01.h5"), _datasets(tmp_path / "subj01.h5")
+    assert len(fast) > 15 and fast.keys() == standard.keys()
+    for name in fast:
+        np.testing.assert_array_equal(fast[name], standard[name], err_msg=name)
+    recorded = {folder: json.loads((folder / "subj01.json").read_text())["versions"] for folder in (out / "nifti", tmp_path)}
+    assert recorded[out / "nifti"]["gzip_inflater"] == "isal.igzip" and "isal" in recorded[out / "nifti"]
+    assert recorded[tmp_path]["gzip_inflater"] == "gzip" and "isal" not in recorded[tmp_path]
+
+
 def _raw_masked_betas(root, subject, sessions, voxels):
     """Independent route: nibabel's float64 volumes, indexed, scaled (small files only)."""
     layout = NSDLayout(root)
