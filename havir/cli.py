@@ -243,6 +243,7 @@ def prepare(
     betas_format: Annotated[PreparedBetas, typer.Option("--betas-format", help="auto (HDF5 where present), hdf5 or nifti.")] = "auto",
     captions_dir: Annotated[Optional[Path], typer.Option("--captions-dir", help="Folder with COCO's captions_*2017.json.")] = None,
     normalisation: Annotated[Normalisation, typer.Option("--normalisation", help="training (z-score with all training trials) or session (with each session's training trials).")] = "training",
+    workers: Annotated[int, typer.Option("--workers", help="Processes reading sessions side by side (same output for any count).")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Mask, normalise and split one subject's betas into a training-ready file."""
@@ -250,7 +251,7 @@ def prepare(
 
     summary = prepare_subject(
         nsd_root, subject, out, sessions=sessions, definition=definition, betas_format=betas_format.value,
-        captions_dir=captions_dir, normalisation=normalisation.value,
+        captions_dir=captions_dir, normalisation=normalisation.value, workers=workers,
     )
     _emit(summary, as_json, f"prepared subj{subject:02d}")
 
