@@ -35,7 +35,7 @@ from nibabel.openers import Opener
 
 import havir
 from havir.io import atomic_path, write_json
-from havir.nsd.betas import BETAS_SCALE, open_betas, read_masked_betas
+from havir.nsd.betas import BETAS_SCALE, gzip_inflater, open_betas, read_masked_betas
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -80,11 +80,20 @@ def read_naive_hdf5(path: Path, voxels: np.ndarray) -> np.ndarray:
     return (data[:, z, y, x] / BETAS_SCALE).astype(np.float32)
 
 
+def read_havir_zlib(path: Path, voxels: np.ndarray) -> np.ndarray:
+    """HAVIR's NIfTI read with the standard library's zlib inflater, as without python-isal."""
+    sys.modules["isal"] = None  # importing isal now fails: gzip_inflater() falls back
+    if gzip_inflater().name != "gzip":
+        raise RuntimeError("could not make HAVIR fall back to zlib")
+    return read_havir(path, "nifti", voxels)
+
+
 #: method name -> (format, reader taking (path, voxels)).
 METHODS = {
     "havir-hdf5": ("hdf5", lambda path, voxels: read_havir(path, "hdf5", voxels)),
     "naive-hdf5": ("hdf5", read_naive_hdf5),
     "havir-nifti": ("nifti", lambda path, voxels: read_havir(path, "nifti", voxels)),
+    "havir-nifti-zlib": ("nifti", read_havir_zlib),
     "naive-nifti": ("nifti", read_naive_nifti),
 }
 
@@ -254,6 +263,7 @@ def check_outputs(outputs: dict[str, Path], n_voxels: int) -> None:
             err_msg=f"HAVIR's {fmt} output differs from the naive read",
         )
     np.testing.assert_array_equal(arrays["havir-hdf5"], arrays["havir-nifti"], err_msg="HAVIR's two formats disagree")
+    np.testing.assert_array_equal(arrays["havir-nifti"], arrays["havir-nifti-zlib"], err_msg="HAVIR's two inflaters disagree")
 
 
 # --- the report ---------------------------------------------------------------------------------
@@ -277,6 +287,15 @@ def device_facts() -> dict:
     }
 
 
+def _version_or_none(distribution: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def versions() -> dict:
     """Versions of everything that decides the figures."""
     return {
@@ -286,6 +305,8 @@ def versions() -> dict:
         "hdf5": h5py.version.hdf5_version,
         "nibabel": nib.__version__,
         "zlib": zlib.ZLIB_RUNTIME_VERSION,
+        "gzip_inflater": gzip_inflater().name,
+        "isal": _version_or_none("isal"),
         "havir": havir.__version__,
     }
 

@@ -261,6 +261,7 @@ def prepare(
     betas_format: Annotated[PreparedBetas, typer.Option("--betas-format", help="auto (HDF5 where present), hdf5 or nifti.")] = "auto",
     captions_dir: Annotated[Optional[Path], typer.Option("--captions-dir", help="Folder with COCO's captions_*2017.json.")] = None,
     normalisation: Annotated[Normalisation, typer.Option("--normalisation", help="training (z-score with all training trials) or session (with each session's training trials).")] = "training",
+    workers: Annotated[int, typer.Option("--workers", help="Processes reading sessions side by side (same output for any count).")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Mask, normalise and split one subject's betas into a training-ready file."""
@@ -268,13 +269,13 @@ def prepare(
     from havir.options import PREPARE_OPTIONS
 
     check_subject(subject)
-    check_options(PREPARE_OPTIONS, sessions=sessions)
+    check_options(PREPARE_OPTIONS, sessions=sessions, workers=workers)
     NSDLayout(nsd_root).check_root()  # before h5py, nibabel and the mask code are imported
     from havir.prepare import prepare_subject
 
     summary = prepare_subject(
         nsd_root, subject, out, sessions=sessions, definition=definition, betas_format=betas_format.value,
-        captions_dir=captions_dir, normalisation=normalisation.value,
+        captions_dir=captions_dir, normalisation=normalisation.value, workers=workers,
     )
     _emit(summary, as_json, f"prepared subj{subject:02d}")
 
@@ -322,6 +323,11 @@ def encode(
     as_json: JsonOpt = False,
 ) -> None:
     """Fit a voxel-wise encoding model: the backbone's image features -> each voxel's response."""
+    from havir.options import ENCODE_OPTIONS
+
+    check_options(ENCODE_OPTIONS, folds=folds, seed=seed, control=control.value if control else None)
+    _check_machine_options(threads, device)
+    _check_data(data, subject, features=True)
     _use_threads(threads)
     from havir.encode import fit_encoder
 
@@ -416,6 +422,7 @@ def explain(
     as_json: JsonOpt = False,
 ) -> None:
     """Attribute each target to the input voxels: maps on the subject's grid and shares per ROI."""
+    _check_machine_options(threads, device)
     _use_threads(threads)
     _refuse_launch("explain")
     from havir.explain import explain_run

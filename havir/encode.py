@@ -55,14 +55,9 @@ from havir.metrics.scores import row_correlations
 from havir.nsd.atlas import read_atlas
 from havir.nsd.layout import NSDLayout
 from havir.progress import track
-from havir.validation import Interval, OneOf, Rule, check_options, read_json
+from havir.options import ENCODE_OPTIONS
+from havir.validation import check_options, read_json
 
-#: ``havir encode``'s options.
-ENCODE_OPTIONS: dict[str, Rule] = {
-    "folds": Interval(int, 2),
-    "seed": Interval(int, 0, 2**32 - 1),
-    "control": OneOf(None, "shuffled"),
-}
 #: Regularisation strengths searched per voxel, and how many weightings of the two spaces.
 ALPHAS = np.logspace(-2, 8, 21)
 SPACE_WEIGHTINGS = 20

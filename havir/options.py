@@ -19,6 +19,14 @@ PREPARE_OPTIONS: dict[str, Rule] = {
     "sessions": Interval(int, 1, optional=True),
     "betas_format": OneOf("auto", "hdf5", "nifti"),
     "normalisation": OneOf(*NORMALISATIONS),
+    "workers": Interval(int, 1),
+}
+
+#: ``havir encode``'s options.
+ENCODE_OPTIONS: dict[str, Rule] = {
+    "folds": Interval(int, 2),
+    "seed": Interval(int, 0, 2**32 - 1),
+    "control": OneOf(None, "shuffled"),
 }
 
 #: ``havir features``' numeric options.

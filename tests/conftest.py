@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import sys
 
 # One CPU thread for torch and BLAS unless the caller chose (read when torch and numpy load, so
 # set before they are imported): the suite's tiny models gain nothing from more, and on a busy
@@ -40,6 +41,12 @@ def small_nsd(_small_nsd, tmp_path):
     root = tmp_path / "nsd"
     shutil.copytree(source, root)
     return root, truth
+
+
+@pytest.fixture
+def without_isal(monkeypatch):
+    """As if python-isal were not installed: importing it fails (NIfTI betas fall back to zlib)."""
+    monkeypatch.setitem(sys.modules, "isal", None)
 
 
 @pytest.fixture

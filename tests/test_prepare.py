@@ -14,6 +14,7 @@ import havir.prepare
 from havir.cli import main
 from havir.masks import build_masks, definition_for
 from havir.nsd.atlas import read_atlas
+from havir.nsd.betas import open_betas, read_masked_betas
 from havir.nsd.layout import NSDLayout
 from havir.prepare import load_split, prepare_subject
 from tests.conftest import json_of
@@ -65,6 +66,78 @@ def test_nifti_and_hdf5_give_identical_files(prepared):
         assert len(names) > 15
         for name in names:
             np.testing.assert_array_equal(a[name][()], b[name][()], err_msg=name)
+
+
+def _datasets(path) -> dict[str, np.ndarray]:
+    """Every dataset of an HDF5 file, by name."""
+    arrays = {}
+    with h5py.File(path) as h5:
+        h5.visititems(lambda name, item: arrays.update({name: item[()]}) if isinstance(item, h5py.Dataset) else None)
+    return arrays
+
+
+def test_fast_inflater_and_zlib_prepare_identical_files(prepared, without_isal, tmp_path):
+    pytest.importorskip("isal.igzip")  # else both runs would use zlib
+    root, _, out, _ = prepared
+    prepare_subject(root, 1, tmp_path, betas_format="nifti", progress=False)
+    fast, standard = _datasets(out / "nifti/subj01.h5"), _datasets(tmp_path / "subj01.h5")
+    assert len(fast) > 15 and fast.keys() == standard.keys()
+    for name in fast:
+        np.testing.assert_array_equal(fast[name], standard[name], err_msg=name)
+    recorded = {folder: json.loads((folder / "subj01.json").read_text())["versions"] for folder in (out / "nifti", tmp_path)}
+    assert recorded[out / "nifti"]["gzip_inflater"] == "isal.igzip" and "isal" in recorded[out / "nifti"]
+    assert recorded[tmp_path]["gzip_inflater"] == "gzip" and "isal" not in recorded[tmp_path]
+
+
+def test_two_workers_write_what_one_worker_writes(prepared, tmp_path, run_cli):
+    root, _, out, _ = prepared  # out/nifti: subject 1 from NIfTI, one worker
+    status, _, _ = run_cli("prepare", "--nsd-root", root, "--subject", 1, "--out", tmp_path, "--betas-format", "nifti", "--workers", 2)
+    assert status == 0
+    one, two = _datasets(out / "nifti/subj01.h5"), _datasets(tmp_path / "subj01.h5")
+    assert len(one) > 15 and one.keys() == two.keys()
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+    records = [json.loads(path.read_text()) for path in (out / "nifti/subj01.json", tmp_path / "subj01.json")]
+    for record in records:
+        del record["seconds"], record["output"]  # the run's time and folder
+    assert records[0] == records[1]
+
+
+def test_interrupted_prepare_with_workers_resumes_after_the_last_session(small_nsd, tmp_path, interrupt_on_call, run_cli):
+    root, _ = small_nsd
+    whole = prepare_subject(root, 1, tmp_path / "whole", progress=False)
+    restore = interrupt_on_call(havir.prepare, "flush_h5", 3)  # Ctrl-C while session 2 is written
+    with pytest.raises(KeyboardInterrupt):
+        prepare_subject(root, 1, tmp_path / "resumed", workers=2, progress=False)
+    restore()
+    resumed = prepare_subject(root, 1, tmp_path / "resumed", workers=2, progress=False)
+    assert resumed["resumed_sessions"] == 1
+    one, two = _datasets(tmp_path / "whole/subj01.h5"), _datasets(tmp_path / "resumed/subj01.h5")
+    assert one.keys() == two.keys()
+    for name in one:
+        np.testing.assert_array_equal(one[name], two[name], err_msg=name)
+    status, _, stderr = run_cli("prepare", "--nsd-root", root, "--subject", 1, "--out", tmp_path / "bad", "--workers", 0)
+    assert status == 2 and "workers" in stderr and "0" in stderr
+
+
+def test_workers_read_at_most_their_count_ahead_of_the_writer(two_subject_nsd, monkeypatch):
+    root, truth = two_subject_nsd
+    files = [open_betas(NSDLayout(root).betas_file(1, session, "nifti"), "nifti") for session in (1, 2, 3, 4)]
+    voxels = np.argwhere(truth.subjects[1].roles > 0)[:50]
+    submitted = []
+
+    class CountingPool(havir.prepare.ProcessPoolExecutor):
+        def submit(self, *args, **kwargs):
+            submitted.append(args[1])
+            return super().submit(*args, **kwargs)
+
+    monkeypatch.setattr(havir.prepare, "ProcessPoolExecutor", CountingPool)
+    ahead = []
+    for held, (betas, session_betas) in enumerate(zip(files, havir.prepare._masked_sessions(files, voxels, 2))):
+        ahead.append(len(submitted) - held - 1)  # sessions asked for beyond the one the writer holds
+        np.testing.assert_array_equal(session_betas, read_masked_betas(betas, voxels))
+    assert submitted == files
+    assert ahead == [2, 2, 1, 0]  # never more than the 2 workers: memory stays bounded
 
 
 def _raw_masked_betas(root, subject, sessions, voxels):

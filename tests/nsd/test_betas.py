@@ -1,11 +1,13 @@
 """Masked betas reading: both release formats, against nibabel's whole-volume read."""
 
+import gzip
+
 import h5py
 import nibabel as nib
 import numpy as np
 import pytest
 
-from havir.nsd.betas import open_betas, read_masked_betas
+from havir.nsd.betas import gzip_inflater, open_betas, read_masked_betas
 from havir.nsd.layout import NSDLayout
 
 
@@ -74,6 +76,41 @@ def test_nan_betas_are_refused(tmp_path):
     nib.save(nib.Nifti1Image(volume, np.eye(4)), path)
     with pytest.raises(ValueError, match="NaN or inf values in 1 masked voxels"):
         read_masked_betas(open_betas(path, "nifti"), np.argwhere(np.ones((3, 3, 3), bool)))
+
+
+def test_isal_is_chosen_when_installed_and_the_standard_library_otherwise(request):
+    pytest.importorskip("isal.igzip")
+    assert gzip_inflater().name == "isal.igzip"
+    request.getfixturevalue("without_isal")
+    assert gzip_inflater().name == "gzip"
+
+
+def test_fast_and_standard_inflaters_read_identical_betas(session_files, scattered_voxels, request):
+    files, _ = session_files
+    fast = read_masked_betas(open_betas(files["nifti"], "nifti"), scattered_voxels)
+    request.getfixturevalue("without_isal")
+    standard = read_masked_betas(open_betas(files["nifti"], "nifti"), scattered_voxels)
+    np.testing.assert_array_equal(fast, standard)
+    np.testing.assert_array_equal(standard, reference(files["nifti"], scattered_voxels))
+
+
+@pytest.mark.parametrize("isal", ["installed", "missing"])
+def test_corrupt_nifti_stream_is_named(tmp_path, request, isal):
+    # A valid header, then a deflate block of the reserved type 3: zlib and ISA-L each raise
+    # their own error class (ISA-L's is not an OSError), and each must become the user error.
+    if isal == "missing":
+        request.getfixturevalue("without_isal")
+    noise = np.random.default_rng(0).integers(-1000, 1000, (32, 32, 32, 20), dtype=np.int16)
+    nib.save(nib.Nifti1Image(noise, np.eye(4)), tmp_path / "plain.nii")
+    raw = (tmp_path / "plain.nii").read_bytes()
+    middle = len(raw) // 2  # the readers inflate ahead while parsing the header: damage lies far
+    body = bytearray(gzip.compress(raw[middle:], compresslevel=1))
+    body[10] = 0b111  # the first block's header, after gzip's 10 bytes: final, type 3 (invalid)
+    damaged = tmp_path / "betas_session02.nii.gz"
+    damaged.write_bytes(gzip.compress(raw[:middle], compresslevel=1) + bytes(body))  # two gzip members
+    betas = open_betas(damaged, "nifti")
+    with pytest.raises(ValueError, match=r"betas_session02.nii.gz is truncated or corrupt \(.*(invalid block type|Invalid deflate block)"):
+        read_masked_betas(betas, np.array([[1, 1, 1]]))
 
 
 def test_truncated_nifti_is_named(session_files, tmp_path):
