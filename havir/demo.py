@@ -77,7 +77,7 @@ def run_demo(
 
 def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, images: int, seed: int, device: str, progress: bool) -> dict:
     """Every stage of :func:`run_demo` into the checked and locked folder ``out``."""
-    from havir.demo_world.measures import summarise
+    from havir.demo_world.measures import summarise_runs
     from havir.demo_world.page import write_demo_page
     from havir.demo_world.probe import DEMO_MEASURE_NOTE
     from havir.features import compute_features
@@ -132,7 +132,7 @@ def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, im
             )
     stage("reading every reconstruction with the demo's scene probe and miniature CLIP; writing the demo page")
     recons = {name: recon for name, (_, recon, _) in runs.items()}
-    measures = _demo_measures(data, recons)
+    measures = summarise_runs(_demo_measures(data, recons))
     page = write_demo_page(out, data, evaluations, measures, notes=DEMO_NOTES, recons=recons)
     summary = {
         "output": str(out),
@@ -142,7 +142,9 @@ def _run_stages(out: Path, config: TrainConfig, settings: SamplerSettings, *, im
         "train_seconds": trained["method"].get("train_seconds"),
         "modes": _scores(evaluations["method"]),
         "null_modes": _scores(evaluations["null"]),
-        "demo_measures": {name: {mode: summarise(per_image) for mode, per_image in by_mode.items()} for name, by_mode in measures.items()},
+        "demo_measures": measures["by_mode"],
+        "fusion_vs_structural": measures["fusion_vs_structural"],
+        "demo_measure_bootstrap": measures["bootstrap"],
         "demo_measure_note": DEMO_MEASURE_NOTE,
         "skipped": evaluations["method"]["fused"].skipped,
         "seconds": round(time.perf_counter() - started, 1),
@@ -155,8 +157,9 @@ def _scores(evaluations: dict) -> dict[str, dict[str, float]]:
     return {mode: {name: round(score.mean, 4) for name, score in evaluation.scores.items()} for mode, evaluation in evaluations.items()}
 
 
-def _demo_measures(data: Path, recons: dict[str, Path]) -> dict[str, dict[str, dict]]:
-    """Per-image demo measures of every run's every mode, against the test stimuli."""
+def _demo_measures(data: Path, recons: dict[str, Path]) -> dict:
+    """The demo measures (:class:`~havir.demo_world.measures.DemoMeasures`) of every run's every
+    mode, against the test stimuli."""
     from havir.demo_world.clip import load_demo_clip
     from havir.demo_world.measures import demo_measures
     from havir.demo_world.probe import load_scene_probe

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from havir.demo_world.measures import DEMO_MEASURES, summarise
+from havir.demo_world.measures import BOOTSTRAP, DEMO_MEASURES
 from havir.demo_world.probe import DEMO_MEASURE_NOTE
 from havir.io import atomic_path
 from havir.artifacts.reconstruction import load_reconstructions
@@ -48,9 +48,14 @@ _PAGE = """<!doctype html>
 <table><tr><th>run</th><th>mode</th>{% for title in columns.values() %}<th>{{ title }}</th>{% endfor %}</tr>
 {% for row in rows %}<tr class="{{ row.run }}"><td>{{ row.run_title }}</td><td>{{ row.mode }}</td>{% for cell in row.cells %}<td>{{ cell }}</td>{% endfor %}</tr>
 {% endfor %}</table>
-<p>Means with 95% bootstrap intervals over images. Chance: identification 50%, content accuracy 25%.
+<p>Means with 95% bootstrap intervals over test images ({{ resamples }} resamples of the images; for the
+demo's identification each resample's reconstructions are scored against its own drawn images only).
+Chance: identification 50%, content accuracy 25%.
 {{ measure_note }} Mini-CLIP identification is one too: two-way identification with the demo's
 miniature CLIP, trained on the same scenes.</p>
+<h2>Does fusion add the semantic pathway's content to the structural layout?</h2>
+<p>Fused minus structural on the same test images (paired bootstrap, 95% interval): "yes" only when the whole interval lies above 0.</p>
+<ul>{% for line in fusion %}<li>{{ line }}</li>{% endfor %}</ul>
 <p>Full evaluation reports: {% for title, link in links %}<a href="{{ link }}">{{ title }}</a>{% if not loop.last %}, {% endif %}{% endfor %}.</p>
 <h2>The first {{ grid|length }} test images</h2>
 <table class="grid"><tr><th>stimulus</th>{% for label in grid_labels %}<th>{{ label }}</th>{% endfor %}</tr>
@@ -66,13 +71,25 @@ def _cell(mean: float, interval, percent: bool) -> str:
     return f"{mean:.3f} [{interval[0]:.3f}, {interval[1]:.3f}]"
 
 
+def fusion_lines(fusion_vs_structural: dict) -> list[str]:
+    """One sentence per run and measure, e.g. "method: fusion adds object content (object-kind
+    F1): no, difference fused - structural +0.001 [-0.050, 0.052]"."""
+    what = {"object_kind_f1": "object content", "mini_clip_identification": "identifiable content"}
+    return [
+        f"{RUN_TITLES.get(run, run)}: fusion adds {what.get(name, name)} ({DEMO_MEASURES[name][0]}): "
+        f"{'yes' if gain['higher'] else 'no'}, difference fused − structural {gain['difference']:+.3f} "
+        f"[{gain['interval'][0]:.3f}, {gain['interval'][1]:.3f}]"
+        for run, by_name in fusion_vs_structural.items() for name, gain in by_name.items()
+    ]
+
+
 def write_demo_page(out: Path, data: Path, evaluations: dict, measures: dict, *, notes=(), recons: dict[str, Path],
                     modes=("structural", "fused", "semantic"), grid_images: int = 6) -> Path:
     """Write ``out/demo.html``; returns its path.
 
     ``evaluations[run][mode]``: :class:`~havir.metrics.evaluate.Evaluation` of each run (``method``,
-    ``null``) and mode; ``measures[run][mode]``: per-image demo measures
-    (:func:`~havir.demo_world.measures.demo_measures`); ``recons[run]``: the folder holding each
+    ``null``) and mode; ``measures``: the demo measures' summary
+    (:func:`~havir.demo_world.measures.summarise_runs`); ``recons[run]``: the folder holding each
     run's mode folders.
     """
     from jinja2 import Environment
@@ -83,7 +100,7 @@ def write_demo_page(out: Path, data: Path, evaluations: dict, measures: dict, *,
     rows = []
     for run, by_mode in evaluations.items():
         for mode in modes:
-            scores, demo = by_mode[mode].scores, summarise(measures[run][mode])
+            scores, demo = by_mode[mode].scores, measures["by_mode"][run][mode]
             cells = []
             for name in columns:
                 if name in demo:
@@ -102,7 +119,8 @@ def write_demo_page(out: Path, data: Path, evaluations: dict, measures: dict, *,
              for run, by_mode in evaluations.items() if "report" in by_mode["fused"].outputs]
     page = Environment(autoescape=True).from_string(_PAGE).render(
         style=Markup(_STYLE), n=len(nsd_ids), notes=list(notes), warning=NULL_WARNING, columns=columns, rows=rows,
-        measure_note=DEMO_MEASURE_NOTE, links=links, grid=grid, grid_labels=[f"{RUN_TITLES.get(r, r)}: {m}" for r, m in pictures],
+        measure_note=DEMO_MEASURE_NOTE, links=links, resamples=BOOTSTRAP["resamples"],
+        fusion=fusion_lines(measures["fusion_vs_structural"]), grid=grid, grid_labels=[f"{RUN_TITLES.get(r, r)}: {m}" for r, m in pictures],
     )
     path = Path(out) / "demo.html"
     with atomic_path(path) as temporary:
