@@ -2,11 +2,11 @@
 
 Reads the predictions of a finished ``havir demo`` (its ``run/`` or ``run-null/``) once, loads the
 demo Versatile Diffusion once, and for each sampler setting given reconstructs the test images in
-memory (``havir.reconstruct.reconstruct_batch``, batches of 8 as ``havir demo``; nothing written)
+memory (the backbone's ``generate``, batches of 8 as ``havir demo``; nothing written)
 in the semantic and fused modes, then prints one line per setting and mode with the demo measures
 (``havir.demo_world.measures``, means with 95% bootstrap intervals over test images) and the seconds
 it took. The structural mode does not depend on the sampler: it is printed once. Settings are
-``name=value`` pairs of ``havir.reconstruct.SamplerSettings`` separated by commas, one argument per
+``name=value`` pairs of ``havir.models.backbone.SamplerSettings`` separated by commas, one argument per
 setting; the defaults of ``havir demo`` (20 steps, seed 0) apply to what a setting does not name.
 
     OMP_NUM_THREADS=1 python scripts/explore_demo_sampler.py demo-out/run guidance=7.5 guidance=3,text_share=0.7
@@ -33,7 +33,8 @@ from havir.demo_world.measures import demo_measures, summarise
 from havir.demo_world.probe import load_scene_probe
 from havir.metrics.evaluate import load_ground_truth
 from havir.models.versatile import load_versatile_diffusion
-from havir.reconstruct import SamplerSettings, predict_test_set, reconstruct_batch, unconditional_embeddings
+from havir.models.backbone import SamplerSettings
+from havir.reconstruct import predict_test_set
 from havir.targets import TARGET_NAMES
 
 BATCH = 8  # havir demo's batch size
@@ -50,15 +51,14 @@ def parse_setting(text: str) -> SamplerSettings:
 
 
 def reconstruct_all(vd, mode, settings, nsd_ids, predictions) -> np.ndarray:
-    unconditional = unconditional_embeddings(vd)
     batches = [np.arange(start, min(start + BATCH, len(nsd_ids))) for start in range(0, len(nsd_ids), BATCH)]
     order = np.argsort(nsd_ids)  # as havir reconstruct: batches cut from the ids in order
     images = np.zeros((len(nsd_ids), vd.image_side, vd.image_side, 3), np.uint8)
     with torch.no_grad():
         for rows in batches:
             rows = order[rows]
-            images[rows] = reconstruct_batch(vd, mode, settings, nsd_ids[rows],
-                                             *(torch.as_tensor(predictions[name][rows]) for name in TARGET_NAMES), unconditional)
+            batch = {name: torch.as_tensor(predictions[name][rows]) for name in TARGET_NAMES}
+            images[rows] = vd.generate(batch, nsd_ids[rows], mode=mode, settings=settings)
     return images
 
 
