@@ -110,7 +110,8 @@ def test_demo_pages_and_outputs(demo_result, summary):
     assert 'href="recon/fused/eval/report.html"' in page and 'href="recon-null/fused/eval/report.html"' in page
     report = (demo_result / "recon" / "fused" / "eval" / "report.html").read_text()
     assert "miniature" in report and "STAND-IN" in report
-    assert report.count("<img") == 2 + TEST_IMAGES * 4  # chart, training curves; stimulus | structural | fused | semantic, every image
+    assert report.count("<img") == 3 + TEST_IMAGES * 4  # chart, masks, training curves; stimulus | structural | fused | semantic, every image
+    assert "<h2>Masks</h2>" in report  # the synthetic subject's ROIs, from its prepared record
     assert "Modes compared" in report and "synthetic subject 1" in report
     assert set(summary["skipped"]) >= {"alexnet2", "clip", "swav"} or not summary["skipped"]
     for recon in ("recon", "recon-null"):
