@@ -29,6 +29,9 @@ bench: setup
 	$(BIN)/python bench/bench_features.py
 	$(BIN)/python bench/bench_train.py
 	$(BIN)/python bench/bench_reconstruct.py
+	$(BIN)/python bench/bench_encode.py --size smoke
+	$(BIN)/python bench/bench_inflate.py
+	$(BIN)/python bench/summary.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

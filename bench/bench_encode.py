@@ -32,9 +32,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from havir.devices import describe, matmul_rate
+from _results import write_result
+from havir.devices import matmul_rate
 from havir.encode import ALPHAS, SPACE_WEIGHTINGS, fit_banded_ridge
-from havir.io import write_json
 
 SIZES = {
     "smoke": dict(images=200, voxels=2000, vae_latents=1024, clip_image=32),
@@ -85,11 +85,9 @@ def main() -> None:
         "floor_seconds": round(floor, 2),
         "fraction_of_floor": round(floor / seconds, 4),
         "encode_command_estimate_seconds": round(seconds * 6, 1),  # 5 cross-validation folds + the final fit
-        **describe(device),
-        "date": datetime.date.today().isoformat(),
     }
-    out = args.out or Path(__file__).parent / "results" / f"encode-{args.size}-{result['date']}.json"
-    write_json(out, result)
+    out = args.out or Path(__file__).parent / "results" / f"encode-{args.size}-{datetime.date.today()}.json"
+    write_result(out, result, device)
     print(f"{args.size}: fit {seconds:.1f} s, floor {floor:.1f} s ({100 * floor / seconds:.0f}% of it); "
           f"havir encode ~{6 * seconds / 60:.1f} min; {out}")
 

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from havir.devices import describe, matmul_rate, resolve_device, resolve_dtype, timed
+from _results import write_result
+from havir.devices import matmul_rate, resolve_device, resolve_dtype, timed
 from havir.models.encoding import _as_pil, encode_clip_images, encode_clip_texts, encode_vae_latents
-from havir.io import write_json
 from havir.models.versatile import load_versatile_diffusion
 
 CAPTIONS_PER_IMAGE = 5
@@ -99,8 +99,6 @@ def main() -> None:
 
     result = {
         "benchmark": "features: training-target throughput",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **describe(device),
         "settings": {
             "model": model, "model_chosen": "--model" if args.model else "default on CUDA" if device.type == "cuda" else "default without CUDA (CPU-sized)", "dtype": str(dtype), "image_side": vd.image_side, "stimulus_side": STIMULUS_SIDE,
             "captions_per_image": CAPTIONS_PER_IMAGE, "repeats": args.repeats, "timer": "best of repeats after a warm-up, synchronised",
@@ -111,9 +109,7 @@ def main() -> None:
     }
     tag = "cuda" if device.type == "cuda" else "cpu"
     out = args.out or Path(__file__).parent / "results" / f"features-{model}-{tag}-{datetime.date.today()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    print(f"results: {out}")
+    write_result(out, result, device)
 
 
 if __name__ == "__main__":

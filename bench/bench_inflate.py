@@ -22,7 +22,6 @@ import datetime
 import gzip
 import hashlib
 import importlib
-import json
 import socket
 import sys
 import time
@@ -33,9 +32,9 @@ import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from bench_prepare import device_facts  # noqa: E402  (the same machine facts in every result)
+from _results import write_result  # noqa: E402
 
-from havir.io import package_versions, write_json  # noqa: E402
+from havir.io import package_versions  # noqa: E402
 
 MIB = 1024**2
 #: Bytes read per call: 50 trial volumes of a (81, 104, 83) int16 grid, HAVIR's NIfTI block.
@@ -170,8 +169,6 @@ def main(argv: list[str] | None = None) -> None:
 
     result = {
         "benchmark": "inflate: gzip decompression of a betas-like int16 stream",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device_facts(),
         "versions": package_versions("numpy", "nibabel", *installed_distributions("isal", "zlib-ng", "indexed_gzip"))
         | {"zlib": zlib.ZLIB_RUNTIME_VERSION},
         "settings": {
@@ -188,8 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         "inflaters": figures,
     }
     out = args.out or BENCH_DIR / "results" / f"inflate-{socket.gethostname()}-{datetime.date.today().isoformat()}.json"
-    write_json(out, result)
-    print(f"results: {out}")
+    write_result(out, result)
 
 
 if __name__ == "__main__":

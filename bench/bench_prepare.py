@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import platform
 import socket
 import subprocess
@@ -34,7 +33,8 @@ import numpy as np
 from nibabel.openers import Opener
 
 import havir
-from havir.io import atomic_path, write_json
+from _results import write_result
+from havir.io import atomic_path
 from havir.nsd.betas import BETAS_SCALE, gzip_inflater, open_betas, read_masked_betas
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -269,24 +269,6 @@ def check_outputs(outputs: dict[str, Path], n_voxels: int) -> None:
 # --- the report ---------------------------------------------------------------------------------
 
 
-def device_facts() -> dict:
-    """Hostname, CPU model, cores and RAM of this machine."""
-    cpu_model = platform.processor() or "unknown"
-    with open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as meminfo:
-        ram_kib = next(int(line.split()[1]) for line in meminfo if line.startswith("MemTotal:"))
-    return {
-        "hostname": socket.gethostname(),
-        "cpu_model": cpu_model,
-        "nproc": os.cpu_count(),
-        "ram_gib": round(ram_kib / 1024**2, 1),
-    }
-
-
 def _version_or_none(distribution: str) -> str | None:
     from importlib import metadata
 
@@ -434,8 +416,6 @@ def build_result(raw: dict, voxels: np.ndarray, n_sessions: int, repeats: int) -
     compressed_bytes, uncompressed_bytes = max(raw["file_bytes"]["nifti"]), max(raw["uncompressed_bytes"])
     return {
         "benchmark": "prepare: masked betas reading",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device_facts(),
         "versions": versions(),
         "settings": {
             "grid": list(GRID),
@@ -510,10 +490,8 @@ def main(argv: list[str] | None = None) -> None:
     voxels = nsdgeneral_like_mask()
     raw = time_sessions(args.sessions, args.repeats, args.work, voxels)
     result = build_result(raw, voxels, args.sessions, args.repeats)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
     print_report(result)
-    print(f"results: {out}")
+    write_result(out, result, children=True)  # the reads run in child processes
 
 
 if __name__ == "__main__":

@@ -31,9 +31,9 @@ import psutil
 
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
-from bench_prepare import device_facts  # noqa: E402  (the same machine facts in every result)
+from _results import write_result  # noqa: E402
 
-from havir.io import package_versions, write_json  # noqa: E402
+from havir.io import package_versions  # noqa: E402
 from havir.nsd.synth import synthesize_nsd  # noqa: E402
 
 MIB = 1024**2
@@ -118,8 +118,6 @@ def main(argv: list[str] | None = None) -> None:
         summary["structural_voxels"] + summary["semantic_voxels"] + summary["other_voxels"]) / MIB
     result = {
         "benchmark": "prepare --workers: time and peak memory of the process tree",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "device": device_facts(),
         "versions": package_versions("numpy", "h5py", "nibabel", "psutil"),
         "settings": {
             "images": args.images, "sessions": args.sessions, "betas_format": "nifti", "seed": SEED,
@@ -138,8 +136,7 @@ def main(argv: list[str] | None = None) -> None:
         "bound": "peak(N) <= N x peak(1): one worker's peak is one session's working set with the interpreter",
     }
     out = args.out or BENCH_DIR / "results" / f"prepare-workers-{socket.gethostname()}-{datetime.date.today().isoformat()}.json"
-    write_json(out, result)
-    print(f"results: {out}")
+    write_result(out, result, children=True)  # the reads run in child processes
 
 
 if __name__ == "__main__":

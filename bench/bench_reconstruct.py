@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from havir.devices import describe, matmul_rate, resolve_device, resolve_dtype, timed
-from havir.io import write_json
+from _results import write_result
+from havir.devices import matmul_rate, resolve_device, resolve_dtype, timed
 from havir.models.versatile import load_versatile_diffusion
 from havir.models.backbone import SamplerSettings, image_noise
 from havir.models.sampling import decode, sample, unconditional_embeddings
@@ -82,8 +82,6 @@ def main() -> None:
     batched = figures["all"]["images_per_second"]
     result = {
         "benchmark": "reconstruct: fused dual-guided img2img",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **describe(device),
         "settings": {"model": model,
                      "model_chosen": "--model" if args.model else "default on CUDA" if device.type == "cuda" else "default without CUDA (CPU-sized)",
                      "dtype": str(dtype), "image_side": vd.image_side, "sampler": asdict(settings), "batch_size": n,
@@ -106,8 +104,7 @@ def main() -> None:
         print(f"{key}: {result[key]:.4g}")
     tag = "cuda" if device.type == "cuda" else "cpu"
     out = args.out or Path(__file__).parent / "results" / f"reconstruct-{model}-{tag}-{datetime.date.today()}.json"
-    write_json(out, result)
-    print(f"results: {out}")
+    write_result(out, result, device)
 
 
 if __name__ == "__main__":

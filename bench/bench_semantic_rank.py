@@ -34,9 +34,9 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from havir.devices import describe, resolve_device
+from _results import write_result
+from havir.devices import resolve_device
 from havir.models.encoding import encode_clip_images, encode_clip_texts
-from havir.io import write_json
 from havir.models.decoders import variance_kept_by_rank
 from havir.models.versatile import BUILT_IN, _config, clip_byte_tokenizer, load_versatile_diffusion
 from havir.nsd.scenes import describe_scene, render_scene, sample_scene
@@ -103,8 +103,6 @@ def main() -> None:
 
     result = {
         "benchmark": "semantic rank: variance of the CLIP targets a rank-r token head keeps",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **describe(device),
         "settings": {
             "model": args.model, "weights": "random (seed %d), not real CLIP" % args.seed if args.model in BUILT_IN else "from the folder",
             "targets": "synthetic scenes (havir.nsd.scenes) at 224 px and one caption each, normalised as havir features does",
@@ -116,9 +114,7 @@ def main() -> None:
     tag = "cuda" if device.type == "cuda" else "cpu"
     name = re.sub(r"[^A-Za-z0-9.-]+", "-", args.model).strip("-")
     out = args.out or Path(__file__).parent / "results" / f"semantic-rank-{name}-{tag}-{datetime.date.today()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_json(out, result)
-    print(f"results: {out}")
+    write_result(out, result, device)
 
 
 if __name__ == "__main__":

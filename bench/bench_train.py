@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from havir.devices import describe, matmul_rate, resolve_device
-from havir.io import write_json
+from _results import write_result
+from havir.devices import matmul_rate, resolve_device
 from havir.train import Decoders, Split, TrainConfig, TrainingData, _losses, _tensors, build_decoders, fit_decoders
 
 SIZES = {
@@ -102,8 +102,6 @@ def main() -> None:
     samples_per_second = n_fit / epoch_seconds
     result = {
         "benchmark": "train: both decoders, fit_decoders",
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        **describe(device),
         "settings": {"size": size_name,
                      "size_chosen": "--size" if args.size else "default on CUDA" if device.type == "cuda" else "default without CUDA (CPU-sized)",
                      **{k: v for k, v in size.items() if k != "epochs"}, "epochs": epochs, "epochs_timed": len(steady),
@@ -124,8 +122,7 @@ def main() -> None:
     print(json.dumps({k: v for k, v in result.items() if k not in ("versions",)}, indent=1))
     tag = "cuda" if device.type == "cuda" else "cpu"
     out = args.out or Path(__file__).parent / "results" / f"train-{size_name}-{tag}-{datetime.date.today()}.json"
-    write_json(out, result)
-    print(f"results: {out}")
+    write_result(out, result, device)
 
 
 if __name__ == "__main__":
