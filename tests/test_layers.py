@@ -29,13 +29,18 @@ def test_the_package_keeps_its_contracts():
     assert "5 kept, 0 broken" in done.stdout
 
 
-def test_a_stage_importing_another_breaks_them(tmp_path):
-    """The contracts have teeth: ``train`` reaching into ``features`` is reported."""
+def lint_with_added_import(tmp_path, module: str, line: str) -> subprocess.CompletedProcess:
+    """The contracts checked on a copy of the package where ``havir/<module>.py`` ends with ``line``."""
     shutil.copytree(ROOT / "havir", tmp_path / "havir", ignore=shutil.ignore_patterns("weights", "*.safetensors", "__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    train = tmp_path / "havir" / "train.py"
-    train.write_text(train.read_text() + "\nfrom havir.features import compute_features  # noqa: E402\n")
-    done = lint_imports(tmp_path)
+    source = tmp_path / "havir" / f"{module}.py"
+    source.write_text(source.read_text() + f"\n{line}  # noqa: E402\n")
+    return lint_imports(tmp_path)
+
+
+def test_a_stage_importing_another_breaks_them(tmp_path):
+    """The contracts have teeth: ``train`` reaching into ``features`` is reported."""
+    done = lint_with_added_import(tmp_path, "train", "from havir.features import compute_features")
     assert done.returncode == 1
     assert "Stages are independent" in done.stdout and "BROKEN" in done.stdout
     assert "havir.train -> havir.features" in done.stdout
@@ -44,10 +49,6 @@ def test_a_stage_importing_another_breaks_them(tmp_path):
 def test_a_stage_reaching_into_versatile_diffusion_breaks_them(tmp_path):
     """Swapping the backbone stays one new module: ``reconstruct`` calling Versatile Diffusion's
     sampler directly is reported."""
-    shutil.copytree(ROOT / "havir", tmp_path / "havir", ignore=shutil.ignore_patterns("weights", "*.safetensors", "__pycache__"))
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    reconstruct = tmp_path / "havir" / "reconstruct.py"
-    reconstruct.write_text(reconstruct.read_text() + "\nfrom havir.models.sampling import sample  # noqa: E402\n")
-    done = lint_imports(tmp_path)
+    done = lint_with_added_import(tmp_path, "reconstruct", "from havir.models.sampling import sample")
     assert done.returncode == 1
     assert "see the backbone through its interface" in done.stdout and "havir.reconstruct -> havir.models.sampling" in done.stdout
