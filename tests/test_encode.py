@@ -186,7 +186,7 @@ def test_brain_guided_selection_helps_the_method_and_not_a_consistent_null(demo_
         evaluation = evaluate_folder(recon, data, 1, networks={}, resamples=20, progress=False, report=False, encoder=folder / "None")
         measures = demo_measures(truth, load_reconstructions(recon, nsd_ids))
         result[name, k] = {"brain": evaluation.scores["brain_corr_structural"].mean + evaluation.scores["brain_corr_semantic"].mean,
-                           "identification": float(measures["mini_clip_identification"].mean())}
+                           "identification": float(measures.per_image["mini_clip_identification"].mean())}
     selection = read_manifest(tmp_path / "method-4" / "fused")["selection"]
     assert selection["candidates"] == 4 and len(selection["images"]) == len(nsd_ids)
     kept = selection["images"][str(int(nsd_ids[0]))]
