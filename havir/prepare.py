@@ -377,7 +377,7 @@ def prepare_subject(
     n_rows = {split: int(rows.sum()) for split, rows in split_of.items()}
 
     inflater = gzip_inflater().name  # how .nii.gz betas are decompressed (same bytes either way)
-    fast_inflater = ["isal"] if inflater == "isal.igzip" else []
+    fast_inflater = ["isal"] if inflater == "isal_zlib" else []
     stem = f"subj{subject:02d}"
     test_ids = np.unique(trials.nsd_id[trials.is_test])
     fingerprint = _fingerprint(subject, files, mask_definition.sha256(), captions_dir or layout.annotations_dir)

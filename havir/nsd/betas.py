@@ -12,12 +12,13 @@ in that order whichever format they came from.
 
 from __future__ import annotations
 
-import gzip
+import io
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
-from typing import BinaryIO
 
 import h5py
 import nibabel as nib
@@ -28,40 +29,36 @@ from havir.errors import InvalidInputError
 #: NSD stores betas as int16 percent signal change multiplied by this.
 BETAS_SCALE = 300.0
 
-#: Trials decoded per NIfTI read: bounds memory to this many volumes (1.4 MB each at 1.8 mm).
-_NIFTI_BLOCK_TRIALS = 50
-
-
 @dataclass(frozen=True)
 class GzipInflater:
     """How gzip-compressed NIfTI betas are decompressed.
 
     Attributes
     ----------
-    name : the library, as the prepared file's record names it (``"isal.igzip"`` or ``"gzip"``).
-    open : ``open(path)`` -> binary stream of the decompressed bytes.
-    errors : what it raises on damaged data, besides ``EOFError`` and ``OSError``.
+    name : the library, as the prepared file's record names it (``"isal_zlib"`` or ``"zlib"``).
+    decompressobj : ``decompressobj(wbits=...)`` of that library, with ``zlib``'s interface.
+    errors : what it raises on damaged data.
     """
 
     name: str
-    open: Callable[[Path], BinaryIO]
+    decompressobj: Callable[..., object]
     errors: tuple[type[BaseException], ...]
 
 
 def gzip_inflater() -> GzipInflater:
-    """The fastest gzip inflater importable here: python-isal's ``igzip`` (Intel ISA-L), else the
-    standard library's ``gzip`` (zlib). Both give the same bytes (DEFLATE is exact).
+    """The fastest gzip inflater importable here: python-isal's ``isal_zlib`` (Intel ISA-L), else
+    the standard library's ``zlib``. Both give the same bytes (DEFLATE is exact).
 
     Inflating is most of a NIfTI session's reading time; ISA-L inflates betas 2.2x faster than
     zlib, zlib-ng 1.5x, and ``indexed_gzip`` (nibabel's choice when installed) is 1.6x slower
-    (``bench/bench_inflate.py``). HAVIR streams the data itself (see :func:`_read_nifti`), so the
+    (``bench/bench_inflate.py``). HAVIR streams the data itself (see :func:`_nifti_bytes`), so the
     choice is made here, not through nibabel's openers.
     """
     try:
-        from isal import igzip, isal_zlib
+        from isal import isal_zlib
     except ImportError:
-        return GzipInflater("gzip", lambda path: gzip.open(path, "rb"), (zlib.error,))
-    return GzipInflater("isal.igzip", lambda path: igzip.open(path, "rb"), (isal_zlib.error,))
+        return GzipInflater("zlib", zlib.decompressobj, (zlib.error,))
+    return GzipInflater("isal_zlib", isal_zlib.decompressobj, (isal_zlib.error,))
 
 
 @dataclass(frozen=True)
@@ -90,8 +87,8 @@ def open_betas(path: Path, fmt: str) -> BetasFile:
     """Read the header of a betas file (``fmt`` is ``"nifti"`` or ``"hdf5"``) without its data."""
     if fmt == "nifti":
         try:
-            with _open_nifti_stream(path) as stream:
-                header = _nifti_image(stream).header
+            with closing(_nifti_bytes(path, gzip_inflater())) as pieces:
+                header = _nifti_header(pieces)[0].header
         except Exception as err:  # nibabel raises HeaderDataError, EOFError, zlib.error...
             raise _corrupt(path, err) from err
         shape = tuple(int(n) for n in header.get_data_shape())
@@ -140,48 +137,103 @@ def read_masked_betas(betas: BetasFile, voxels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _open_nifti_stream(path: Path) -> BinaryIO:
-    """The NIfTI file's bytes, decompressed by :func:`gzip_inflater` if it is ``.gz``."""
-    return gzip_inflater().open(path) if path.name.endswith(".gz") else open(path, "rb")
+#: Compressed bytes fed to the inflater per call: 32 KiB in, about 70 KiB of betas out, so each
+#: piece's output is still in the CPU cache when it is copied into the volume buffer.
+_NIFTI_PIECE_BYTES = 32 * 1024
 
 
-def _nifti_image(stream: BinaryIO) -> nib.Nifti1Image | nib.Nifti2Image:
-    """The image nibabel parses from the header at the start of ``stream`` (no data read).
+def _nifti_bytes(path: Path, inflater: GzipInflater) -> Iterator[bytes]:
+    """The NIfTI file's bytes in order, in pieces, inflated by ``inflater`` if it is ``.gz``.
+
+    One ``decompressobj`` pass, not a gzip file object: the file layer's buffering and copies made
+    ISA-L's reading of a session 17% slower than a bare pass (``bench/bench_inflate.py``: 353 against
+    412 MiB/s out), and its 65 MB reads held 50 volumes at once. A ``.gz`` file may hold
+    several gzip members one after the other (as ``cat a.gz b.gz`` makes, and ``gzip`` reads);
+    zero bytes between members are padding, as ``gzip`` treats them. Raises ``EOFError`` if the
+    file ends inside a member.
+    """
+    with open(path, "rb", buffering=0) as stream:
+        if not path.name.endswith(".gz"):
+            while piece := stream.read(_NIFTI_PIECE_BYTES):
+                yield piece
+            return
+        decompressor, fed = inflater.decompressobj(wbits=16 + zlib.MAX_WBITS), False
+        while piece := stream.read(_NIFTI_PIECE_BYTES):
+            while piece:
+                if not fed:  # a member starts here: skip padding before it
+                    piece = piece.lstrip(b"\0")
+                    if not piece:
+                        break
+                fed = True
+                yield decompressor.decompress(piece)
+                if not decompressor.eof:
+                    break
+                # The member ended inside this piece: the rest of it starts the next member.
+                piece = decompressor.unused_data
+                decompressor, fed = inflater.decompressobj(wbits=16 + zlib.MAX_WBITS), False
+        if fed:
+            raise EOFError("the compressed stream ends inside a gzip member")
+
+
+def _nifti_header(pieces: Iterator[bytes]) -> tuple[nib.Nifti1Image | nib.Nifti2Image, bytearray]:
+    """The image nibabel parses from the header at the start of ``pieces`` (the file's bytes, from
+    :func:`_nifti_bytes`), and the bytes after the header that were already taken from ``pieces``
+    (the data's start: ``image.dataobj.offset`` of the file).
 
     Parsed from HAVIR's own stream rather than by ``nib.load``: nibabel opens ``.gz`` files with
     ``indexed_gzip`` when it is installed, which inflates 16 MB ahead (0.1 s) to read 352 bytes.
     """
-    sizeof_hdr = stream.read(4)  # 348 for NIfTI-1, 540 for NIfTI-2, in the file's byte order
-    is_nifti2 = 540 in (int.from_bytes(sizeof_hdr, "little"), int.from_bytes(sizeof_hdr, "big"))
-    stream.seek(0)
-    holder = nib.FileHolder(fileobj=stream)
-    return (nib.Nifti2Image if is_nifti2 else nib.Nifti1Image).from_file_map({"header": holder, "image": holder})
+    prefix = bytearray()
+    for piece in pieces:
+        prefix += piece
+        if len(prefix) < 4:
+            continue
+        # sizeof_hdr: 348 for NIfTI-1, 540 for NIfTI-2, in the file's byte order
+        is_nifti2 = 540 in (int.from_bytes(prefix[:4], "little"), int.from_bytes(prefix[:4], "big"))
+        header_class = nib.Nifti2Header if is_nifti2 else nib.Nifti1Header
+        if len(prefix) < header_class.template_dtype.itemsize:
+            continue
+        header = header_class(bytes(prefix[: header_class.template_dtype.itemsize]), check=False)
+        if len(prefix) < int(header["vox_offset"]):  # the extensions lie between header and data
+            continue
+        holder = nib.FileHolder(fileobj=io.BytesIO(prefix))
+        image = (nib.Nifti2Image if is_nifti2 else nib.Nifti1Image).from_file_map({"header": holder, "image": holder})
+        return image, prefix[image.dataobj.offset :]
+    raise EOFError("the file ends inside its NIfTI header")
 
 
 def _read_nifti(betas: BetasFile, voxels: np.ndarray) -> np.ndarray:
     # nibabel parses the header; the data are streamed here because nibabel's array proxy would
     # either materialise the whole int16 session (1 GB) or re-decompress the gzip stream from the
-    # start for every slice. One pass, a block of trial volumes at a time, keeps only masked voxels.
+    # start for every slice. One pass copies the inflated pieces into a one-volume buffer and keeps
+    # the masked voxels of each volume as it completes (a volume may span many pieces, and a piece
+    # may end several volumes).
     x, y, z = voxels.T
     flat = np.ravel_multi_index((x, y, z), betas.grid, order="F")  # NIfTI data are Fortran order
     inflater = gzip_inflater()
     try:
-        with _open_nifti_stream(betas.path) as stream:
-            image = _nifti_image(stream)
+        with closing(_nifti_bytes(betas.path, inflater)) as pieces:
+            image, start = _nifti_header(pieces)
             dtype = image.get_data_dtype()
-            # The loaded header's vox_offset and scaling are reset; nibabel's array proxy keeps them.
-            proxy = image.dataobj
-            data_offset, slope, inter = proxy.offset, float(proxy.slope), float(proxy.inter)
-            volume_bytes = int(np.prod(betas.grid)) * dtype.itemsize
+            # The loaded header's scaling is reset; nibabel's array proxy keeps it.
+            slope, inter = float(image.dataobj.slope), float(image.dataobj.inter)
+            volume = np.empty(int(np.prod(betas.grid)), dtype=dtype)
+            volume_bytes = volume.view(np.uint8)
             out = np.empty((betas.n_trials, len(voxels)), dtype=dtype)
-            stream.seek(data_offset)  # forward from the header's end: no re-inflating
-            for start in range(0, betas.n_trials, _NIFTI_BLOCK_TRIALS):
-                n = min(_NIFTI_BLOCK_TRIALS, betas.n_trials - start)
-                buffer = stream.read(volume_bytes * n)
-                if len(buffer) != volume_bytes * n:
-                    raise EOFError(f"file ends after trial {start + len(buffer) // volume_bytes}")
-                block = np.frombuffer(buffer, dtype=dtype).reshape(n, -1)
-                out[start : start + n] = block[:, flat]
+            trial, filled = 0, 0
+            for piece in chain([start], pieces):
+                piece = np.frombuffer(piece, dtype=np.uint8)
+                while len(piece) and trial < betas.n_trials:
+                    taken = min(len(piece), len(volume_bytes) - filled)
+                    volume_bytes[filled : filled + taken] = piece[:taken]
+                    piece, filled = piece[taken:], filled + taken
+                    if filled == len(volume_bytes):
+                        out[trial] = volume[flat]
+                        trial, filled = trial + 1, 0
+            # The loop reads the stream to its end even after the last trial: the gzip trailer's
+            # checksum is verified only there.
+            if trial < betas.n_trials:
+                raise EOFError(f"file ends after trial {trial}")
     except (EOFError, OSError, *inflater.errors) as err:
         raise _corrupt(betas.path, err) from err
     if (slope, inter) != (1.0, 0.0):  # NSD's files have no scaling; others may
