@@ -2,7 +2,7 @@
 
 Every ``bench/bench_*.py`` builds its figures as a dict and hands it to :func:`write_result`, which
 adds the date, the machine (``havir.devices.describe`` for a torch device, :func:`device_facts`
-otherwise) and :func:`peak_memory`, then writes the JSON file. ``bench/summary.py`` reads them back.
+otherwise), :func:`peak_memory` and the load average, then writes the JSON file. ``bench/summary.py`` reads them back.
 """
 
 from __future__ import annotations
@@ -78,6 +78,9 @@ def write_result(out: Path, result: dict, device=None, children: bool = False) -
         **machine,
         **result,
         "peak_memory": peak_memory(device, children),
+        # 1, 5 and 15-minute load averages when the run ended: on a shared machine, how busy it
+        # was while the figures were taken (the 5 and 15-minute ones span a run of minutes)
+        "load_average": [round(load, 2) for load in os.getloadavg()],
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, record)

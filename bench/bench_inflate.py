@@ -3,7 +3,8 @@
 Writes one gzip file of int16 betas-like data (about 300 MB uncompressed: N(0, 1.5) percent signal
 change x 300 in half of the values, zeros in the rest, as an NSD session's brain and background;
 stdlib gzip at ``--level``, 6 by default) and decompresses it whole with each inflater installed,
-reading blocks of 65 MB as :func:`havir.nsd.betas.read_masked_betas` does. Every inflater's output
+the file objects read in blocks of 65 MB (as :func:`havir.nsd.betas.read_masked_betas` did before
+it streamed one ``decompressobj`` pass itself, which the ``decompressobj`` rows time). Every inflater's output
 must hash to the same SHA-256 as the standard library's, else the benchmark fails.
 
     python bench/bench_inflate.py [--megabytes 300] [--level 6] [--repeats 3] [--out FILE.json]
@@ -37,7 +38,7 @@ from _results import write_result  # noqa: E402
 from havir.io import package_versions  # noqa: E402
 
 MIB = 1024**2
-#: Bytes read per call: 50 trial volumes of a (81, 104, 83) int16 grid, HAVIR's NIfTI block.
+#: Bytes read per call of a file object: 50 trial volumes of a (81, 104, 83) int16 grid.
 READ_BYTES = 50 * 81 * 104 * 83 * 2
 SEED = 0
 
