@@ -31,6 +31,7 @@ bench: setup
 	$(BIN)/python bench/bench_reconstruct.py
 	$(BIN)/python bench/bench_encode.py --size smoke
 	$(BIN)/python bench/bench_inflate.py
+	$(BIN)/python bench/bench_eval.py
 	$(BIN)/python bench/summary.py
 
 clean:

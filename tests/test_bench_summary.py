@@ -83,12 +83,43 @@ def test_summary_rows_newest_result_floors_and_goals(tmp_path):
     assert rows["reconstruct-tiny-cpu", "min for 1000 images"]["met"] == "—"  # the goal is for an H100
 
 
+def _eval_result(device: str, seconds_for_1000: float) -> dict:
+    """A minimal eval result, shaped as bench_eval.py writes it."""
+    return {"benchmark": "eval", "device": device, "images_per_second": 1000 / seconds_for_1000,
+            "seconds_for_1000_images": seconds_for_1000, "slowest_part": "clip", "pixel_parts_seconds_for_1000_images": 30.0,
+            "parts": {"clip": {"fraction_of_total": 0.75}, "ssim": {"fraction_of_total": 0.05}}}
+
+
+def test_eval_rows_and_the_gpu_goal(tmp_path):
+    _write(tmp_path, "eval-cpu-2026-01-01.json", _eval_result("cpu: x86_64, 1 threads", 3720.0))
+    _write(tmp_path, "eval-cuda-2026-01-01.json", _eval_result("NVIDIA H100 80GB HBM3, 79 GiB", 45.0))
+
+    rows = {(row["stage"], row["figure"]): row for row in summary.summary_rows(tmp_path)}
+
+    assert rows["eval-cpu", "s for 1000 images"]["met"] == "—"  # informational on a CPU
+    assert (rows["eval-cuda", "s for 1000 images"]["met"], rows["eval-cuda", "s for 1000 images"]["goal"]) == ("yes", "< 60 s on one GPU")
+    assert rows["eval-cpu", "slowest: clip (fraction of time)"]["value"] == "0.75"
+    assert rows["eval-cuda", "images/s"]["value"] == "22.2"  # 1000 / 45
+    assert rows["eval-cuda", "pixel metrics' s for 1000 images (CPU)"]["value"] == "30"
+
+
+def test_nifti_row_takes_its_own_inflaters_floor_when_recorded(tmp_path):
+    result = _prepare_result(2.5)
+    result["floors"]["nifti"]["inflate_floor_seconds_best"] = 2.0
+    _write(tmp_path, "prepare-vm-2026-01-01.json", result)
+
+    rows = {(row["stage"], row["figure"]): row for row in summary.summary_rows(tmp_path)}
+
+    assert rows["prepare-vm", "NIfTI s/session (havir)"]["fraction of floor"] == "80%"  # 2.0 / 2.5
+
+
 def test_goal_direction_and_device():
     at_most = summary.Goal("<=", 5.0, "<= 5 min", device="H100")
     assert at_most.met(5.0, "NVIDIA H100") is True
     assert at_most.met(5.1, "NVIDIA H100") is False
     assert at_most.met(1.0, "cpu") is None
     assert summary.Goal(">=", 10.0, ">= 10x").met(9.9, "cpu") is False
+    assert summary.Goal("<", 60.0, "< 60 s").met(60.0, "cpu") is False  # strictly under
 
 
 def test_print_summary_prints_one_table(tmp_path):
@@ -130,3 +161,4 @@ def test_write_result_without_torch_device_records_the_machine(tmp_path):
     assert written["versions"] == {"numpy": "2"}  # the benchmark's own versions are kept
     assert written["peak_memory"]["rss_mib"] > 0
     assert "children_rss_mib" not in written["peak_memory"]  # not asked for: it started no work in children
+    assert len(written["load_average"]) == 3 and all(load >= 0 for load in written["load_average"])

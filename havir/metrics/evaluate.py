@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -84,6 +85,7 @@ def score_images(
     resamples: int = 1000,
     seed: int = 0,
     progress: bool = False,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, MetricScore]:
     """PixCorr, SSIM and every metric in ``metrics`` (default: the preset's and the stand-in's)
     whose network is in ``networks``, each image taken through ``preset``'s steps.
@@ -92,8 +94,19 @@ def score_images(
     row i reconstructs row i. Images are prepared batch by batch (memory stays bounded for 1000
     images); scores do not depend on ``batch_size`` or on the order of the rows (beyond float
     rounding); intervals are seeded by ``seed``.
+
+    ``timings``, a dict, is filled with the seconds spent on each part: every pixel metric's name
+    (its scoring; the images' preparation and pixel resize, shared, under ``"pixel_images"``) and every network's name (its
+    images' preparation, features and scores), as ``bench/bench_eval.py`` reports them.
     """
     device = torch.device(device)
+    timings = {} if timings is None else timings
+
+    def timed(part: str, started: float) -> None:
+        if device.type == "cuda":  # the GPU's queued work belongs to this part
+            torch.cuda.synchronize(device)
+        timings[part] = timings.get(part, 0.0) + time.perf_counter() - started
+
     metrics = tuple(preset.metrics) + STANDIN_METRICS if metrics is None else tuple(metrics)
     if len(ground_truth) != len(reconstructions):
         raise InvalidInputError(f"{len(ground_truth)} ground-truth images but {len(reconstructions)} reconstructions")
@@ -112,10 +125,15 @@ def score_images(
 
     pixel_metrics = image_metrics()  # PixCorr, SSIM and any other registered ImageMetric
     pixel_scores: dict[str, list[np.ndarray]] = {metric.name: [] for metric in pixel_metrics}
+    started = time.perf_counter()
     for truth, recon in batches():
         truth_px, recon_px = pixel_images(preset, truth, recon, truth_side)
+        timed("pixel_images", started)
         for metric in pixel_metrics:
+            started = time.perf_counter()
             pixel_scores[metric.name].append(np.asarray(metric.score(truth_px, recon_px, preset)))
+            timed(metric.name, started)
+        started = time.perf_counter()
     results = {}
     for metric in pixel_metrics:
         per_image = np.concatenate(pixel_scores[metric.name])
@@ -123,6 +141,7 @@ def score_images(
                                            metric.higher_is_better)
     wanted = [metric for metric in metrics if metric.network in networks]
     for network_name in track(list(dict.fromkeys(m.network for m in wanted)), "feature networks", enabled=progress, unit="networks"):
+        started = time.perf_counter()
         network = networks[network_name]
         layers = [metric.layer for metric in wanted if metric.network == network_name]
         features: dict[str, list[dict]] = {"truth": [], "recon": []}
@@ -138,6 +157,7 @@ def score_images(
                 metric.name, per_image, interval(per_image), network.label, network.protocol,
                 metric.score == "identification", matrix,
             )
+        timed(network_name, started)
     return results
 
 

@@ -144,3 +144,19 @@ def test_scores_do_not_depend_on_batch_size_or_order(image_pairs):
         np.testing.assert_allclose(one[name].per_image[order], permuted[name].per_image, atol=1e-6)
     assert one["ident"].mean > 0.6
     assert not one["ident"].protocol and one["ident"].network == "test network, random weights"
+
+
+def test_score_images_times_each_part_without_changing_the_scores():
+    rng = np.random.default_rng(5)
+    truth = rng.integers(0, 256, (6, 40, 40, 3), dtype=np.uint8)
+    recon = np.clip(truth + rng.normal(scale=80, size=truth.shape), 0, 255).astype(np.uint8)
+    network = FeatureNetwork("tinyconv", "test network, random weights", _TinyConv(), Resize(32, "tensor", "bilinear", True))
+    run = dict(networks={"tinyconv": network}, metrics=(FeatureMetric("dist", "tinyconv", "pooled", "distance"),),
+               batch_size=4, resamples=10)
+    timings = {}
+    timed = score_images(truth, recon, timings=timings, **run)
+    assert set(timings) == {"pixel_images", "pixcorr", "ssim", "tinyconv"}  # bench/bench_eval.py's parts
+    assert all(seconds > 0 for seconds in timings.values())
+    untimed = score_images(truth, recon, **run)
+    for name, score in untimed.items():
+        np.testing.assert_array_equal(timed[name].per_image, score.per_image)
