@@ -194,6 +194,13 @@ def _background(root: Path, subject: int, atlases: dict[str, Atlas]) -> nib.Nift
     return nib.Nifti1Image((brain.labels >= 0).astype(np.float32), brain.affine)
 
 
+def compared_rois(shares: Sequence[dict[str, float]]) -> list[str]:
+    """The ROIs of several subjects' ``{"atlas/label": share}`` tables worth comparing, sorted:
+    all but those holding every subject's whole attribution (nsdgeneral holds every input voxel)."""
+    rois = sorted(set().union(*shares))
+    return [roi for roi in rois if min(table.get(roi, 0.0) for table in shares) < 0.999]
+
+
 def _plot_comparison(tables: dict[str, dict], out_png: Path) -> None:
     """The subjects' ROI shares side by side, one panel per pathway."""
     import matplotlib
@@ -205,7 +212,7 @@ def _plot_comparison(tables: dict[str, dict], out_png: Path) -> None:
     figure, axes = plt.subplots(1, len(pathways), figsize=(6 * len(pathways), 9), squeeze=False)
     for ax, pathway in zip(axes[0], pathways):
         subjects = [s for s in tables if pathway in tables[s]["pathways"]]
-        rois = sorted({roi for s in subjects for roi in tables[s]["pathways"][pathway]})
+        rois = compared_rois([tables[s]["pathways"][pathway] for s in subjects])
         height = 0.8 / len(subjects)
         for k, subject in enumerate(subjects):
             shares = [tables[subject]["pathways"][pathway].get(roi, 0.0) for roi in rois]

@@ -134,8 +134,10 @@ def test_bad_option_value(run_cli, small_nsd, tmp_path):
     assert_user_error(run_cli(*prepare_args(root, tmp_path / "out", "--betas-format", "mat")), "--betas-format")
 
 
-def test_synth_refuses_too_few_images(run_cli, tmp_path):
+def test_synth_refuses_too_few_images_and_a_repeated_subject(run_cli, tmp_path):
     assert_user_error(run_cli("synth-nsd", "--out", tmp_path / "nsd", "--images", 5), "--images must be a whole number in [20, 10000]")
+    assert_user_error(run_cli("synth-nsd", "--out", tmp_path / "twice", "--subject", 2, "--subject", 2), "subj02 is named twice")
+    assert not (tmp_path / "twice").exists()
 
 
 def test_debug_shows_the_traceback(small_nsd, tmp_path):

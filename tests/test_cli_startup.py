@@ -29,9 +29,10 @@ MISSING_INPUTS = {
     "features, bad device": (["features", "--data", "{nowhere}", "--subject", "1", "--device", "gpu0"],
                              "error: --device must be auto, cpu, cuda or cuda:N, got 'gpu0'"),
     "prepare": (["prepare", "--nsd-root", "{nowhere}", "--subject", "1", "--out", "{scratch}/data"], "error: NSD root {nowhere} does not exist"),
+    "table": (["table", "{nowhere}"], "error: {nowhere} does not exist"),
 }
 
-HEAVY = ("torch", "diffusers", "transformers", "accelerate", "h5py", "nibabel")
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "h5py", "nibabel", "skimage")
 
 
 def test_a_missing_input_is_refused_before_the_heavy_imports(tmp_path):

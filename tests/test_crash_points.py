@@ -399,3 +399,37 @@ def test_demo_stopped_at_commits_of_each_stage_resumes_to_the_same_outputs(unint
         run_demo(out, **DEMO_SETTINGS)
         _same_tree(whole, out)
         assert_no_temporaries(out)
+
+
+def test_encode_stopped_at_any_commit_leaves_no_model_and_reruns_to_the_same_one(trainable, tmp_path, monkeypatch):
+    """``havir encode`` writes the accuracy map, the weights, then ``encoder.json``, which marks the
+    folder complete: stopped at any commit it leaves no model a later stage would read, and a
+    rerun writes the uninterrupted run's files."""
+    from havir.artifacts.encoder import RECORD, load_encoder
+    from havir.encode import fit_encoder
+    from havir.errors import MissingInputError
+
+    data, _ = trainable
+    monkeypatch.setattr("havir.encode.SPACE_WEIGHTINGS", 2)  # a cheaper search, the same in every run
+    with monkeypatch.context() as patch:
+        counter = _StopAtCommit(patch, tmp_path / "whole")
+        fit_encoder(data, 1, tmp_path / "whole", folds=2, device="cpu", progress=False)
+    n_commits = counter.calls
+    whole = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole").rglob("*") if p.is_file())
+    assert len(whole) >= 3 and n_commits >= len(whole), (whole, n_commits)
+    for stop_at in _commit_points(n_commits, 3):
+        out = tmp_path / f"stopped-{stop_at}"
+        with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+            _StopAtCommit(patch, out, stop_at)
+            fit_encoder(data, 1, out, folds=2, device="cpu", progress=False)
+        assert not (out / RECORD).exists()
+        with pytest.raises(MissingInputError):
+            load_encoder(out)
+        fit_encoder(data, 1, out, folds=2, device="cpu", progress=False)
+        assert sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file()) == whole
+        for name in whole:
+            if name.suffix != ".json":  # the record names its own folder
+                assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), (stop_at, name)
+        expected, rerun = load_encoder(tmp_path / "whole"), load_encoder(out)
+        np.testing.assert_array_equal(expected.cv_r, rerun.cv_r)
+        assert_no_temporaries(out)

@@ -85,7 +85,9 @@ def test_image_contributions_average_to_the_mean_voxel_correlation():
     assert image_contributions(predicted, measured).mean() == pytest.approx(np.mean(per_voxel), abs=1e-12)
 
 
-def test_brain_correlation_ranks_truth_above_method_above_null(demo_data, encoders, runs, tmp_path, run_cli):
+def test_brain_correlation_ranks_truth_above_method_above_null(demo_data, encoders, runs, tmp_path, run_cli, monkeypatch):
+    import havir.metrics.evaluate
+
     data, _ = demo_data
     folder, _ = encoders
     scores = {}
@@ -96,11 +98,18 @@ def test_brain_correlation_ranks_truth_above_method_above_null(demo_data, encode
                                          "--encoder", folder / "None", "--json")
         assert status == 0, stderr
         scores[name] = json.loads(stdout)
+    backbones = []  # loaded once for both sets, with the encoding model
+    monkeypatch.setattr(havir.metrics.evaluate, "load_backbone",
+                        lambda *a, load=havir.metrics.evaluate.load_backbone, **k: backbones.append(a) or load(*a, **k))
     status, stdout, stderr = run_cli("eval", "--recon", tmp_path / "method" / "structural", "--data", data, "--subject", 1,
                                      "--skip-missing", "--encoder", folder / "None", "--null", tmp_path / "null" / "structural",
                                      "--out", tmp_path / "versus", "--json")
     assert status == 0, stderr
+    assert len(backbones) == 1
     versus = json.loads(stdout)["null_comparison"]["metrics"]
+    for name in ("brain_corr_structural", "brain_corr_semantic"):  # as when each set is evaluated alone
+        for run in ("method", "null"):
+            assert versus[name][run] == pytest.approx(scores[run]["metrics"][name], abs=5e-5), (name, run)  # 4 decimals
     page = (tmp_path / "versus" / "report.html").read_text()
     assert "<h2>Method vs null</h2>" in page and "<h2>Brain consistency</h2>" in page and "<td>V1v</td>" in page
     for name in ("brain_corr_structural", "brain_corr_semantic", "pixcorr"):

@@ -12,7 +12,7 @@ import csv
 import dataclasses
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -283,10 +283,10 @@ def evaluate_folder(
                                      "open_clip_torch"),
         "threads": torch.get_num_threads(),
     }
-    consistency = None
-    if encoder is not None:
-        consistency = _add_brain_scores(scores, Path(encoder), data, subject, nsd_ids, truth, reconstructions,
-                                        device=resolve_device(device), batch_size=batch_size, resamples=resamples, seed=seed)
+    consistency, brain = None, None
+    if encoder is not None:  # the encoding model, the backbone and the truth's predictions: once for both sets
+        brain = brain_scorer(Path(encoder), data, subject, nsd_ids, truth, device=resolve_device(device), batch_size=batch_size)
+        consistency = _add_brain_scores(scores, brain(reconstructions), resamples=resamples, seed=seed)
     evaluation = Evaluation(nsd_ids, scores, skipped, record)
     if consistency is not None:
         evaluation.brain = consistency.record()
@@ -294,9 +294,8 @@ def evaluate_folder(
         null_images = load_reconstructions(null, nsd_ids)
         null_scores = score_images(truth, null_images, networks=networks, preset=preset, device=resolve_device(device),
                                    batch_size=batch_size, resamples=resamples, seed=seed)
-        if encoder is not None:
-            _add_brain_scores(null_scores, Path(encoder), data, subject, nsd_ids, truth, null_images,
-                              device=resolve_device(device), batch_size=batch_size, resamples=resamples, seed=seed)
+        if brain is not None:
+            _add_brain_scores(null_scores, brain(null_images), resamples=resamples, seed=seed)
         evaluation.null_comparison = compare_with_null(scores, null_scores, null_folder=str(Path(null).resolve()),
                                                        resamples=resamples, seed=seed)
     if data_protocol["test_images"] != preset.expected_images or data_protocol["sessions"] != preset.expected_sessions:
@@ -313,23 +312,23 @@ def evaluate_folder(
     return evaluation
 
 
-def _add_brain_scores(scores: dict, encoder: Path, data: Path, subject: int, nsd_ids, truth, reconstructions, *,
-                      device, batch_size: int, resamples: int, seed: int) -> BrainConsistency:
-    """Add ``brain_corr_structural`` and ``brain_corr_semantic`` to ``scores``; returns the whole result."""
-    consistency = brain_consistency_of(encoder, data, subject, nsd_ids, truth, reconstructions, device=device, batch_size=batch_size)
+def _add_brain_scores(scores: dict, consistency: BrainConsistency, *, resamples: int, seed: int) -> BrainConsistency:
+    """Add ``brain_corr_structural`` and ``brain_corr_semantic`` of ``consistency`` to ``scores``; returns it."""
     for name in BRAIN_SETS:
         per_image = consistency.per_image[name]
         scores[brain_metric_name(name)] = MetricScore(
             brain_metric_name(name), per_image, bootstrap_interval(per_image, resamples=resamples, seed=seed),
-            f"encoding model ({encoder.resolve()})", False, True,
+            f"encoding model ({consistency.encoder['path']})", False, True,
         )
     return consistency
 
 
-def brain_consistency_of(encoder: Path, data: Path, subject: int, nsd_ids: np.ndarray, truth: np.ndarray,
-                         reconstructions: np.ndarray, *, device: torch.device, batch_size: int = 32) -> BrainConsistency:
-    """The brain correlations of ``reconstructions`` (rows of ``nsd_ids``) under the encoding model
-    in ``encoder``, which must be this subject's, on these voxels and this features cache's backbone."""
+def brain_scorer(encoder: Path, data: Path, subject: int, nsd_ids: np.ndarray, truth: np.ndarray, *,
+                 device: torch.device, batch_size: int = 32) -> Callable[[np.ndarray], BrainConsistency]:
+    """A function giving the brain correlations of a set of reconstructions (rows of ``nsd_ids``)
+    under the encoding model in ``encoder``, which must be this subject's, on these voxels and
+    this features cache's backbone. The model and the backbone are loaded, and the ground truth's
+    responses predicted, once here, however many sets are scored (the method's and the null's)."""
     model = load_encoder(encoder)
     prepared = require_prepared(data, subject)
     with reading_prepared(prepared) as h5:
@@ -352,11 +351,15 @@ def brain_consistency_of(encoder: Path, data: Path, subject: int, nsd_ids: np.nd
                 spaces[space].append(values)
         return model.predict({space: np.concatenate(parts) for space, parts in spaces.items()})
 
-    return brain_consistency(
-        predicted(reconstructions), predicted(truth), measured, {name: model.columns(name) for name in VOXEL_SETS}, model.rois,
-        encoder={"path": str(Path(encoder).resolve()), "control": model.record["fit"].get("control"),
-                 "cv_r_mean": model.record["summary"]["cv_r_mean"]},
-    )
+    predicted_truth = predicted(truth)
+    columns = {name: model.columns(name) for name in VOXEL_SETS}
+    about = {"path": str(Path(encoder).resolve()), "control": model.record["fit"].get("control"),
+             "cv_r_mean": model.record["summary"]["cv_r_mean"]}
+
+    def score(reconstructions: np.ndarray) -> BrainConsistency:
+        return brain_consistency(predicted(reconstructions), predicted_truth, measured, columns, model.rois, encoder=about)
+
+    return score
 
 
 def method_label(recon: Path) -> str:

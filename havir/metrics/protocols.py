@@ -21,9 +21,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import sys
+
 import numpy as np
 import PIL.Image
-import torch
 
 from havir.errors import InvalidInputError
 
@@ -239,15 +240,23 @@ def get_preset(name: str) -> ProtocolPreset:
 _PIL_FILTERS = {"bilinear": PIL.Image.Resampling.BILINEAR, "bicubic": PIL.Image.Resampling.BICUBIC}
 
 
+def _is_tensor(images) -> bool:
+    # torch is imported where tensors are made, not here: `havir table` reads presets without it (1.6 s).
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(images, torch.Tensor)
+
+
 def _as_uint8_arrays(images) -> np.ndarray:
     """(n, h, w, 3) uint8 for a PIL step: PIL resizes 8-bit images, so a float batch is refused."""
-    if isinstance(images, torch.Tensor) or np.asarray(images).dtype != np.uint8:
+    if _is_tensor(images) or np.asarray(images).dtype != np.uint8:
         raise TypeError("a PIL resize takes uint8 (n, h, w, 3) images: put it before any float step of the preset")
     return np.asarray(images)
 
 
 def as_float_tensor(images) -> torch.Tensor:
     """(n, 3, h, w) float32 in [0, 1] from uint8 (n, h, w, 3) arrays (divided by 255) or tensors."""
+    import torch
+
     if isinstance(images, torch.Tensor):
         return images.float()
     batch = torch.as_tensor(np.asarray(images))
@@ -298,10 +307,10 @@ def pixel_images(preset: ProtocolPreset, truth, recon, truth_side: int) -> tuple
     side = step.size if step.size is not None else truth_side
 
     def prepared(images, is_truth: bool) -> np.ndarray:
-        already = (images.shape[-2:] if isinstance(images, torch.Tensor) else images.shape[1:3]) == (side, side)
+        already = (images.shape[-2:] if _is_tensor(images) else images.shape[1:3]) == (side, side)
         if not (is_truth and step.size is None) and not already:
             images = resize(images, step, side)
-        if isinstance(images, torch.Tensor):
+        if _is_tensor(images):
             return images.permute(0, 2, 3, 1).numpy().astype(preset.pixel_dtype)
         return images.astype(preset.pixel_dtype) / 255.0
 
@@ -310,6 +319,8 @@ def pixel_images(preset: ProtocolPreset, truth, recon, truth_side: int) -> tuple
 
 def network_inputs(entry: NetworkInput, images) -> torch.Tensor:
     """Step 4 for one network: the working images resized and normalised, float32 (n, 3, s, s)."""
+    import torch
+
     resized = as_float_tensor(resize(images, entry.resize))
     mean, std = NORMALISATIONS[entry.normalisation]
     return (resized - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)

@@ -14,8 +14,6 @@ protocol preset (:mod:`havir.metrics.protocols`), applied before these functions
 from __future__ import annotations
 
 import numpy as np
-from skimage.color import rgb2gray
-from skimage.metrics import structural_similarity
 
 # Feature columns correlated per step: bounds the float64 copies of the feature matrices
 # (AlexNet's features.4 has 140,000 columns; 1000 images of them are 1.1 GB in float64).
@@ -69,6 +67,9 @@ def ssim(ground_truth: np.ndarray, reconstructions: np.ndarray, *, variant: str 
     down each pixel column, averaged over columns. The computation keeps the input's float
     precision (float32 stays float32, as in scikit-image). Shape (n,) float64.
     """
+    from skimage.color import rgb2gray  # here: scikit-image takes 0.4 s to import, and `havir table` never needs it
+    from skimage.metrics import structural_similarity
+
     truth, recon = np.asarray(ground_truth), np.asarray(reconstructions)
     _check_pairs(truth, recon)
     if variant not in ("2d", "per-column-1d"):

@@ -255,6 +255,9 @@ def synthesize_nsd(
                   betas_format=betas_format, signal=signal, noise=noise)
     for subject in subjects:
         check_subject(subject)
+    repeated = sorted({subject for subject in subjects if list(subjects).count(subject) > 1})
+    if repeated:  # the second would overwrite the first's files with the same simulation
+        raise InvalidInputError(f"subj{repeated[0]:02d} is named twice: name each subject once")
     out = ensure_output_dir(Path(out))
     layout = NSDLayout(out)
     rng = np.random.default_rng(seed)
