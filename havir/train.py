@@ -563,7 +563,7 @@ def train_subject(
 
     head = {"subject": subject, "model": model, "vd": features["model"], "normalisation": normalisation}
     if init is not None:
-        head["init"] = {"run": str(Path(init).resolve()), "subjects": pretrained["subjects"]}
+        head |= {"init": identity["init"], "init_subjects": pretrained["subjects"]}
     return _write_run(run, identity | {"data": str(Path(data).resolve())}, config, resuming, fit, head)
 
 
