@@ -386,13 +386,13 @@ def _train_subjects(subject: int | None, subjects: str | None, init: Path | None
     from havir.nsd.layout import check_subject
     from havir.options import check_subject_list
 
+    check_options({"finetune_epochs": Interval(int, 0, optional=True)}, finetune_epochs=finetune_epochs)
     if (subject is None) == (subjects is None):
         raise InvalidInputError("give --subject N (one subject, or the new subject of --init) or --subjects N,M,... "
                                 "(one model for several), not " + ("both" if subject is not None else "neither"))
     if subjects is None:
         if finetune_epochs is not None and init is None:
             raise InvalidInputError("--finetune-epochs fine-tunes a model adapted with --init RUN: give --init too, or drop it")
-        check_options({"finetune_epochs": Interval(int, 0, optional=True)}, finetune_epochs=finetune_epochs)
         check_subject(subject)
         return (subject,)
     for option, value in (("--init", init), ("--finetune-epochs", finetune_epochs)):

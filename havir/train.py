@@ -19,6 +19,12 @@ holds the data, draws the same shuffled order, and takes its contiguous rows of 
 :func:`_shard_losses`) and DDP sums the gradients, so N processes give the weights one process
 gives (up to float rounding). The main process validates, keeps the best models and writes every
 file; a resumed run may use another number of processes.
+
+Cross-subject training (:func:`train_subjects`, MindEye2's scheme): one linear input layer per
+subject and pathway into a shared space, shared decoders (:class:`SubjectDecoders`); each step
+takes a sub-batch of every subject, and under ``accelerate launch`` each process its rows of each
+sub-batch. :func:`train_subject` with ``init`` adapts such a model to one subject: new input
+layers with the shared decoders frozen, then optionally everything (``finetune_epochs``).
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ from havir.models.decoders import CROSS_SUBJECT, DECODERS, PRESETS, SemanticExtr
 from havir.models.ridge import DEFAULT_ALPHAS, RidgeDecoder
 from havir.options import check_subject_list
 from havir.progress import track
-from havir.targets import TARGET_NAMES, TargetSizes
+from havir.targets import TARGET_NAMES, TargetSizes, targets_of
 from havir.validation import AnyOf, Interval, KeyOf, ListOf, OneOf, Rule, check_options, check_values, read_json
 
 if sys.version_info >= (3, 11):
@@ -119,6 +125,7 @@ class TrainConfig:
     shuffle_control: bool = False  # control run: pair each voxel pattern with a random image
     shared_width: int | str = "preset"  # multi-subject runs: width of the space each subject's input layer maps to ("preset": the decoder width)
     finetune_epochs: int = 0  # --init runs: epochs training everything after the `epochs` that fit the new input layers alone
+    best_by: str = "loss"  # which epoch's decoders are kept: lowest validation "loss", or highest "identification"
     ridge_alphas: list[float] = field(default_factory=lambda: list(DEFAULT_ALPHAS))
     ridge_preset: str = "search"  # ridge baseline: "search" or "brain-diffuser" (see RIDGE_PRESETS)
     checkpoint_minutes: float = 5.0  # write the checkpoint and best models at most this often (and at the end)
@@ -142,6 +149,7 @@ class TrainConfig:
         "shuffle_control": OneOf(True, False),
         "shared_width": AnyOf(OneOf("preset"), Interval(int, 1)),
         "finetune_epochs": Interval(int, 0),
+        "best_by": OneOf("loss", "identification"),
         "ridge_alphas": ListOf(Interval(float, 0, closed="right")),
         "checkpoint_minutes": Interval(float, 0),
         "seed": Interval(int, 0, 2**32 - 1),
@@ -289,6 +297,10 @@ class Decoders(torch.nn.Module):
     def freeze_shared(self, frozen: bool) -> None:
         """Nothing is shared with other subjects here."""
 
+    def decoder_runs(self, run: Path) -> list[Path]:
+        """The run folder of each subject's saved decoders."""
+        return [run]
+
 
 def _copy(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
@@ -355,10 +367,13 @@ class SubjectDecoders(torch.nn.Module):
             folder = subject_run(run, subject) if self.pooled else run
             folder.mkdir(exist_ok=True)
             own = {f"input.{k}": v for k, v in weights[name].items()}
-            save_decoder(self.decoder_of(subject, role), own | shared, folder / role)
+            save_decoder(self.decoder_of(subject, role), own | shared, folder / role)  # complete: reconstruct reads it alone
         if self.pooled:
             (run / SHARED).mkdir(exist_ok=True)
             save_decoder(getattr(self, role), weights["shared"], run / SHARED / role)
+
+    def decoder_runs(self, run: Path) -> list[Path]:
+        return [subject_run(run, subject) for subject in self.subjects] if self.pooled else [run]
 
     def freeze_shared(self, frozen: bool) -> None:
         """Train the input layers alone (the shared decoders frozen), or everything."""
@@ -559,6 +574,11 @@ def train_subject(
             torch.manual_seed(config.seed)  # the new input layers
             shared = load_shared_decoders(init)
             adapted = SubjectDecoders(shared["structural"], shared["semantic"], {subject: _voxel_counts(dataset)}, pooled=False)
+            for layer in adapted.inputs.parameters():
+                # From zero, not a random draw: a random layer sends every unseen voxel pattern to a random
+                # point of the shared space, which the frozen decoders never learnt to read; from zero the
+                # layer holds only what the subject's training trials taught it (as ridge's least norm).
+                torch.nn.init.zeros_(layer)
         return _fit(adapted, [dataset], config, run, torch_device, frozen_epochs=config.epochs, progress=progress)
 
     head = {"subject": subject, "model": model, "vd": features["model"], "normalisation": normalisation}
@@ -792,12 +812,15 @@ def _fit(model, datasets: list[TrainingData], config: TrainConfig, run: Path, de
             continue
         val_losses, val_scores = _validate(model, [dataset.val for dataset in datasets], config, device, autocast)
         for role in DECODER_ROLES:
-            if val_losses[role] < state["best"][role]:
-                state["best"][role] = val_losses[role]
+            criterion = val_losses[role] if config.best_by == "loss" else -float(np.mean(  # lower is better
+                [scores[f"{target}_identification"] for scores in val_scores for target in targets_of(role)]))
+            if criterion < state["best"][role]:
+                state["best"][role] = criterion
                 state["best_epoch"][role] = epoch + 1
                 unsaved_best[role] = model.role_weights(role)
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_losses, "val_scores": val_scores[0]
-                  if len(val_scores) == 1 else _mean_scores(val_scores), "seconds": round(time.perf_counter() - epoch_started, 3)}
+        mean_scores = val_scores[0] if len(val_scores) == 1 else _mean_scores(val_scores)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": val_losses, "val_scores": mean_scores,
+                  "seconds": round(time.perf_counter() - epoch_started, 3)}
         if len(val_scores) > 1:
             record["val_scores_by_subject"] = dict(zip(map(subject_folder_name, model.subjects), val_scores))
         state["epoch"] = epoch + 1
@@ -818,9 +841,8 @@ def _fit(model, datasets: list[TrainingData], config: TrainConfig, run: Path, de
 
     summary = None
     if main:
-        folders = [subject_run(run, s) for s in model.subjects] if getattr(model, "pooled", False) else [run]
         test_scores = []
-        for folder, dataset in zip(folders, datasets):
+        for folder, dataset in zip(model.decoder_runs(run), datasets, strict=True):
             best = load_decoders(folder, device)
             test_scores.append(evaluate(best["structural"], best["semantic"], dataset.test, device))
         summary = {

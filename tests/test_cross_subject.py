@@ -78,9 +78,13 @@ def test_a_pooled_run_holds_one_ordinary_run_per_subject(pooled_data, pooled_run
 def test_adapting_to_a_new_subject_trains_its_input_layers_first(pooled_data, pooled_run, tmp_path):
     run, _ = pooled_run
     config = dataclasses.replace(QUICK, epochs=2, finetune_epochs=2, checkpoint_minutes=60)
-    frozen = train_subject(pooled_data[1], 3, tmp_path / "frozen", config=dataclasses.replace(config, finetune_epochs=0),
-                           init=run, device="cpu", progress=False)
+    frozen = train_subject(pooled_data[1], 3, tmp_path / "frozen", init=run, device="cpu", progress=False,
+                           config=dataclasses.replace(config, epochs=4, finetune_epochs=0, best_by="identification"))
     assert frozen["init_subjects"] == [1, 2] and frozen["subject"] == 3
+    records = [json.loads(line) for line in (tmp_path / "frozen/metrics.jsonl").read_text().splitlines()]
+    for role, targets in (("structural", ["vae_latents"]), ("semantic", ["clip_image", "clip_text"])):
+        identification = [sum(r["val_scores"][f"{t}_identification"] for t in targets) for r in records]
+        assert frozen["best_epoch"][role] == 1 + identification.index(max(identification))  # kept: the first best epoch
     pretrained, adapted = load_shared_decoders(run), load_decoders(tmp_path / "frozen")
     for role in ("structural", "semantic"):  # input layers alone: the shared decoders did not move
         for key, value in pretrained[role].state_dict().items():
@@ -148,3 +152,29 @@ def test_bad_cross_subject_options_are_refused_before_any_work(pooled_data, pool
     assert "--finetune-epochs fine-tunes a model adapted with --init" in _refused(
         run_cli, "--data", one, "--subject", 3, "--finetune-epochs", 2, "--out", out)
     assert not out.exists()
+
+
+def test_a_pooled_run_on_two_processes_equals_one(pooled_data, tmp_path):
+    """Under ``accelerate launch`` each process takes its rows of every subject's sub-batch:
+    8 rows of each subject a step and 81 averages each leave one row per subject for the last
+    step (an empty shard); InfoNCE contrasts the whole batch across the processes."""
+    from tests.test_distributed import files_in, launch, one_thread
+
+    config = dataclasses.replace(QUICK, epochs=2, contrastive_weight=0.1)
+    rows = {len(havir.train.load_training_data(pooled_data[0], s, config).fit.nsd_id) for s in (1, 2)}
+    assert rows == {81}, "the data must leave a one-row last sub-batch (an empty shard)"
+    with one_thread():
+        want = train_subjects(pooled_data[0], (1, 2), tmp_path / "one", config=config, device="cpu", progress=False)
+    toml = tmp_path / "train.toml"
+    toml.write_text(config.to_toml())
+    launch("train", "--data", pooled_data[0], "--subjects", "1,2", "--out", tmp_path / "two", "--config", toml)
+    assert files_in(tmp_path / "two") == files_in(tmp_path / "one")
+    for part in ("structural", "semantic", "inputs"):
+        got, expected = (load_file(tmp_path / f"{run}/checkpoint/{part}.safetensors") for run in ("two", "one"))
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-5, rtol=1e-5, msg=lambda m: f"{part}.{key}: {m}")
+    got = json.loads((tmp_path / "two/summary.json").read_text())
+    assert got["best_epoch"] == want["best_epoch"]
+    for subject, scores in want["test_scores"].items():
+        assert got["test_scores"][subject] == pytest.approx(scores, rel=1e-5, abs=1e-6), subject
