@@ -178,3 +178,21 @@ def test_a_pooled_run_on_two_processes_equals_one(pooled_data, tmp_path):
     assert got["best_epoch"] == want["best_epoch"]
     for subject, scores in want["test_scores"].items():
         assert got["test_scores"][subject] == pytest.approx(scores, rel=1e-5, abs=1e-6), subject
+
+
+def test_adapting_on_two_processes_equals_one(pooled_data, pooled_run, tmp_path):
+    """The input layers alone, then everything: DDP wraps the model again when the shared decoders thaw."""
+    from tests.test_distributed import files_in, launch, one_thread
+
+    run, _ = pooled_run
+    config = dataclasses.replace(QUICK, epochs=2, finetune_epochs=2, checkpoint_minutes=60)
+    with one_thread():
+        train_subject(pooled_data[1], 3, tmp_path / "one", config=config, init=run, device="cpu", progress=False)
+    toml = tmp_path / "train.toml"
+    toml.write_text(config.to_toml())
+    launch("train", "--data", pooled_data[1], "--subject", 3, "--init", run, "--out", tmp_path / "two", "--config", toml)
+    assert files_in(tmp_path / "two") == files_in(tmp_path / "one")
+    for part in ("structural", "semantic", "inputs"):
+        got, expected = (load_file(tmp_path / f"{folder}/checkpoint/{part}.safetensors") for folder in ("two", "one"))
+        for key in expected:  # Adam's first steps on a freshly thawed decoder scale tiny gradients up: 1e-4
+            torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4, msg=lambda m: f"{part}.{key}: {m}")
