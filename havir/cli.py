@@ -338,8 +338,11 @@ def encode(
 @app.command()
 def train(
     data: Annotated[Path, typer.Option("--data", help="Folder written by havir prepare and havir features.")],
-    subject: SubjectOpt,
     out: Annotated[Path, typer.Option("--out", help="Run folder (an unfinished run there is resumed).")],
+    subject: Annotated[Optional[int], typer.Option("--subject", help="NSD subject, 1..8.")] = None,
+    subjects: Annotated[Optional[str], typer.Option("--subjects", help="Train one model on several subjects (comma-separated, such as 1,2,5,7): an input layer per subject, shared decoders.")] = None,
+    init: Annotated[Optional[Path], typer.Option("--init", help="Adapt a multi-subject run (havir train --subjects --out) to --subject: a new input layer, then --finetune-epochs of everything.")] = None,
+    finetune_epochs: Annotated[Optional[int], typer.Option("--finetune-epochs", help="With --init: epochs fine-tuning everything after the new input layer's (finetune_epochs in the config; default 0).")] = None,
     vd: Annotated[Optional[str], typer.Option("--vd", help="Versatile Diffusion the features were computed with (checked).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="Training settings (TOML); see havir.train.TrainConfig.")] = None,
     model: Annotated[TrainModel, typer.Option("--model", help="havir (both decoders) or ridge (the baseline).")] = "havir",
@@ -348,21 +351,61 @@ def train(
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train the Structural Generator and the Semantic Extractor (or the ridge baseline)."""
+    """Train the Structural Generator and the Semantic Extractor (or the ridge baseline), for one
+    subject or shared by several."""
     _check_machine_options(threads, device)
-    _check_data(data, subject, features=True)
+    subject_list = _train_subjects(subject, subjects, init, finetune_epochs, model.value)
+    for each in subject_list:
+        _check_data(data, each, features=True)
+    if init is not None:
+        from havir.artifacts.run import read_pooled_run
+
+        read_pooled_run(init)  # before torch and the models are imported (seconds)
     _use_threads(threads)
     import dataclasses
 
-    from havir.train import TrainConfig, train_subject
+    from havir.train import TrainConfig, train_subject, train_subjects
 
     settings = TrainConfig.from_toml(config) if config else TrainConfig()
     if control is not None:
         settings = dataclasses.replace(settings, shuffle_control=True)
-    summary = train_subject(
-        data, subject, out, model=model.value, config=settings, vd=vd, device=device
-    )
+    if finetune_epochs is not None:
+        settings = dataclasses.replace(settings, finetune_epochs=finetune_epochs)
+    if subjects is not None:
+        summary = train_subjects(data, subject_list, out, config=settings, vd=vd, device=device)
+        _emit(summary, as_json, f"trained subjects {subjects} ({model.value})")
+        return
+    summary = train_subject(data, subject, out, model=model.value, config=settings, vd=vd, init=init, device=device)
     _emit(summary, as_json, f"trained subj{subject:02d} ({model.value})")
+
+
+def _train_subjects(subject: int | None, subjects: str | None, init: Path | None, finetune_epochs: int | None,
+                    model: str) -> tuple[int, ...]:
+    """The subjects ``havir train`` trains, from ``--subject`` or ``--subjects``, checked with
+    the options that go with them before any file is read."""
+    from havir.nsd.layout import check_subject
+    from havir.options import check_subject_list
+
+    check_options({"finetune_epochs": Interval(int, 0, optional=True)}, finetune_epochs=finetune_epochs)
+    if (subject is None) == (subjects is None):
+        raise InvalidInputError("give --subject N (one subject, or the new subject of --init) or --subjects N,M,... "
+                                "(one model for several), not " + ("both" if subject is not None else "neither"))
+    if subjects is None:
+        if finetune_epochs is not None and init is None:
+            raise InvalidInputError("--finetune-epochs fine-tunes a model adapted with --init RUN: give --init too, or drop it")
+        check_subject(subject)
+        return (subject,)
+    for option, value in (("--init", init), ("--finetune-epochs", finetune_epochs)):
+        if value is not None:
+            raise InvalidInputError(f"{option} adapts a multi-subject run to one --subject: it does not go with --subjects")
+    if model != "havir":
+        raise InvalidInputError(f"--subjects trains one HAVIR model for several subjects; --model {model} is trained one --subject at a time")
+    try:
+        subject_list = tuple(int(s) for s in subjects.split(","))
+    except ValueError:
+        raise InvalidInputError(f"--subjects must be comma-separated numbers such as 1,2,5,7, got {subjects!r}") from None
+    check_subject_list(subject_list)
+    return subject_list
 
 
 #: ``havir reconstruct``'s sampler defaults, read from the settings class.

@@ -35,22 +35,35 @@ def processes() -> PartialState:
 
 @dataclass(frozen=True)
 class Shard:
-    """This process's rows ``start : start + size`` of a global batch of ``total`` rows."""
+    """This process's rows of a global batch of ``total`` rows: ``start : start + size`` or,
+    when the batch is ``blocks`` equal blocks (one per subject of a cross-subject run), the rows
+    ``start : start + size / blocks`` of each block."""
 
     start: int
     size: int
     total: int
+    blocks: int = 1
 
     @classmethod
-    def of(cls, total: int, index: int, count: int) -> Shard:
-        """Contiguous, as even as can be (sizes differ by at most one; some are empty when
-        ``total < count``, as in a short last batch)."""
-        start, stop = total * index // count, total * (index + 1) // count
-        return cls(start, stop - start, total)
+    def of(cls, total: int, index: int, count: int, blocks: int = 1) -> Shard:
+        """Contiguous within each block, as even as can be (sizes differ by at most one; some are
+        empty when a block has fewer rows than ``count``, as in a short last batch)."""
+        block = total // blocks
+        start, stop = block * index // count, block * (index + 1) // count
+        return cls(start, (stop - start) * blocks, total, blocks)
 
     @property
-    def rows(self) -> slice:
-        return slice(self.start, self.start + self.size)
+    def block_rows(self) -> slice:
+        """This process's rows within each block."""
+        return slice(self.start, self.start + self.size // self.blocks)
+
+    @property
+    def rows(self) -> slice | torch.Tensor:
+        """This process's rows of the global batch (an index tensor when there are several blocks)."""
+        if self.blocks == 1:
+            return self.block_rows
+        block = self.total // self.blocks
+        return torch.cat([torch.arange(b * block + self.start, b * block + self.block_rows.stop) for b in range(self.blocks)])
 
     @property
     def weight(self) -> float:

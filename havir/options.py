@@ -41,3 +41,17 @@ RECONSTRUCT_OPTIONS: dict[str, Rule] = {
 }
 # The sampler's settings are checked by :class:`~havir.models.backbone.SamplerSettings` itself
 # (a light module too), the modes are the backbone's.
+
+
+def check_subject_list(subjects: tuple[int, ...], option: str = "--subjects") -> None:
+    """The subjects of a multi-subject command: at least one, each an NSD subject, none twice."""
+    from havir.errors import InvalidInputError
+    from havir.nsd.layout import check_subject
+
+    if not subjects:
+        raise InvalidInputError(f"{option} names no subject: name one or more, such as 1,2,5,7")
+    repeated = sorted({s for s in subjects if subjects.count(s) > 1})
+    if repeated:
+        raise InvalidInputError(f"{option} {','.join(map(str, subjects))} names subject {repeated[0]} more than once: name each subject once")
+    for subject in subjects:
+        check_subject(subject)

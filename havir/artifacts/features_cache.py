@@ -47,3 +47,11 @@ def features_settings(cache: Path, keys: tuple[str, ...] = ("model", "seed")) ->
         return {key: settings[key] for key in keys}
     except (ValueError, KeyError, TypeError) as err:
         raise InvalidInputError(f"features cache {cache} has no valid settings record ({err}): {_RECOMPUTE}") from err
+
+
+def features_shapes(cache: Path) -> dict[str, list[int]]:
+    """``{target: per-image shape}`` of a features cache (what decoders trained on it predict)."""
+    from havir.targets import TARGET_NAMES
+
+    with reading_features(cache) as h5:
+        return {name: list(h5[name].shape[1:]) for name in TARGET_NAMES}

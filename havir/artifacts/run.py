@@ -3,7 +3,16 @@
 ``run.json`` (subject, model, config hash, the data folder) is written first; ``structural/`` and
 ``semantic/`` (or ``ridge/``) hold the best decoders, each as diffusers' ``config.json`` (with
 its ``_class_name``) + safetensors; ``metrics.jsonl`` one line per epoch, ``checkpoint/`` the
-state to resume; ``summary.json`` is written last and marks the run finished.
+state to resume; ``summary.json`` is written last and marks the run finished. A run adapted from
+a multi-subject one (``--init``) has ``init`` in ``run.json`` and cross-subject decoders.
+
+A multi-subject run (``havir train --subjects``) records ``subjects`` (and the ``features`` its
+decoders predict) instead of ``subject``, and holds one finished single-subject run per subject,
+``subjXX/`` (``run.json``, ``summary.json``, ``structural/``, ``semantic/``: each decoder complete,
+the subject's input layer and the shared weights), which ``havir reconstruct --run RUN/subjXX``
+and ``havir explain`` read like any run; the shared decoders alone are ``shared/structural/`` and
+``shared/semantic/`` (what ``--init`` reads); ``metrics.jsonl``, ``checkpoint/`` and
+``summary.json`` are the whole run's.
 """
 
 from __future__ import annotations
@@ -28,18 +37,56 @@ if TYPE_CHECKING:
 DECODER_ROLES = ("structural", "semantic")
 RUN_RECORD = "run.json"
 SUMMARY = "summary.json"
+#: The shared decoders' folder of a multi-subject run.
+SHARED = "shared"
 _RETRAIN = "run `havir train` again into a new --out"
 
 
+def subject_folder_name(subject: int) -> str:
+    """``"subjXX"``: a subject's folder in a multi-subject run (and its key in the run's records)."""
+    return f"subj{subject:02d}"
+
+
+def subject_run(run: Path, subject: int) -> Path:
+    """``subject``'s single-subject run inside the multi-subject run ``run``."""
+    return Path(run) / subject_folder_name(subject)
+
+
 def read_finished_run(run: Path) -> dict:
-    """The records of a finished run (``summary.json`` and ``run.json`` merged), checked: a run
-    not finished, or a damaged record, is one line saying what to do."""
+    """The records of a finished run of one subject (``summary.json`` and ``run.json`` merged),
+    checked: a run not finished, a multi-subject run (its subjects' folders are the runs), or a
+    damaged record, is one line saying what to do."""
     summary = Path(run) / SUMMARY
     if not summary.is_file():
         raise MissingInputError(f"{run} holds no finished training run (no {SUMMARY}): run `havir train` first")
+    record = read_json(Path(run) / RUN_RECORD, what="run record", fix=_RETRAIN, keys=("model", "data"))
+    if "subjects" in record:
+        raise InvalidInputError(
+            f"{run} is a multi-subject run (subjects {', '.join(map(str, record['subjects']))}): pass one subject's run "
+            f"inside it, such as {subject_run(run, record['subjects'][0])}"
+        )
     return read_json(summary, what="training summary", fix=_RETRAIN) | read_json(
         Path(run) / RUN_RECORD, what="run record", fix=_RETRAIN, keys=("subject", "model", "data")
     )
+
+
+def read_pooled_run(run: Path) -> dict:
+    """The record (``run.json``) of a finished multi-subject run, for adapting it to a new subject
+    (``havir train --init``): ``subjects`` and ``features`` (``model``, target ``shapes``). A run
+    of one subject, an unfinished run or no run is one line saying what to do."""
+    record_path = Path(run) / RUN_RECORD
+    if not record_path.is_file():
+        raise MissingInputError(f"--init {run} holds no training run (no {RUN_RECORD}): pass the --out of `havir train --subjects`")
+    record = read_json(record_path, what="run record", fix=_RETRAIN, keys=("model",))
+    if "subjects" not in record:
+        raise InvalidInputError(
+            f"--init {run} is a run of one subject (subj{record.get('subject', 0):02d}), not a multi-subject run: "
+            "pass the --out of `havir train --subjects`"
+        )
+    if not (Path(run) / SUMMARY).is_file():
+        raise MissingInputError(f"--init {run} is an unfinished multi-subject run (no {SUMMARY}): finish it first "
+                                "(run the same `havir train --subjects` again)")
+    return read_json(record_path, what="run record", fix=_RETRAIN, keys=("subjects", "features"))
 
 
 def save_decoder(model, weights: dict[str, torch.Tensor], folder: Path) -> None:
@@ -88,6 +135,11 @@ def load_decoders(run: Path, device: torch.device | str = "cpu") -> dict:
             )
         decoders[role] = load_decoder(DECODERS[name], folder).to(device)
     return decoders
+
+
+def load_shared_decoders(run: Path, device: torch.device | str = "cpu") -> dict:
+    """``{role: decoder}``: the shared decoders of a multi-subject run (``shared/``), rebuilt by class."""
+    return load_decoders(Path(run) / SHARED, device)
 
 
 def load_ridge(run: Path, device: torch.device | str = "cpu") -> RidgeDecoder:

@@ -222,6 +222,81 @@ class SemanticExtractor(ModelMixin, ConfigMixin):
         return dict(zip(self.targets, self(voxels), strict=True))
 
 
+class _CrossSubject(ModelMixin, ConfigMixin):
+    """One subject's decoder in a cross-subject model (MindEye2's scheme): a linear input layer
+    from this subject's voxels to a space shared by every subject, then a decoder shared by them.
+
+    Subjects differ in grid and voxel count; only the input layer is theirs, so a model trained
+    on several subjects adapts to a new one by fitting a new input layer (``havir train --init``).
+    Saved alone, it is a complete decoder of this subject's voxels, loaded by class like any other.
+
+    Parameters
+    ----------
+    n_voxels : this subject's voxels of the pathway (inputs).
+    shared_width : width of the shared space (the input layer's outputs, the shared decoder's inputs).
+    decoder : class name of the shared decoder (:data:`DECODERS`, of the same role).
+    decoder_config : its settings (its ``n_voxels`` is ``shared_width``).
+    """
+
+    @register_to_config
+    def __init__(self, n_voxels: int, shared_width: int, decoder: str, decoder_config: dict):
+        super().__init__()
+        shared = DECODERS.get(decoder)
+        if shared is None or shared.role != self.role or issubclass(shared, _CrossSubject):
+            raise InvalidInputError(f"the shared decoder of a {type(self).__name__} must be a {self.role} decoder, got {decoder!r}")
+        self.input = nn.Linear(n_voxels, shared_width)
+        self.shared = shared.from_config(dict(decoder_config))
+
+    @classmethod
+    def around(cls, input_layer: nn.Linear, shared) -> _CrossSubject:
+        """The decoder made of ``input_layer`` and ``shared`` themselves (not copies): what one
+        subject's part of a cross-subject model is, for saving it or scoring it alone."""
+        with torch.device("meta"):  # the layers built here are replaced at once: allocate nothing
+            model = cls(n_voxels=input_layer.in_features, shared_width=input_layer.out_features,
+                        decoder=type(shared).__name__, decoder_config=settings_of(shared))
+        model.input, model.shared = input_layer, shared
+        return model
+
+    @classmethod
+    def for_targets(cls, n_voxels: int, sizes: TargetSizes, preset: str, *, decoder: str | None = None,
+                    shared_width: int | None = None, **settings) -> _CrossSubject:
+        """A shared ``decoder`` (default: the role's HAVIR decoder) sized for ``sizes`` and
+        ``preset``, behind an input layer to a shared space of ``shared_width`` (default: the
+        preset's decoder width)."""
+        shared_width = shared_width or PRESETS[preset][cls.role]["width"]
+        name = decoder or {"structural": "StructuralGenerator", "semantic": "SemanticExtractor"}[cls.role]
+        return cls.around(nn.Linear(n_voxels, shared_width), DECODERS[name].for_targets(shared_width, sizes, preset, **settings))
+
+    def predict(self, voxels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The shared decoder's predictions from this subject's ``voxels`` (batch, n_voxels)."""
+        return self.shared.predict(self.input(voxels))
+
+
+def settings_of(decoder) -> dict:
+    """A decoder's constructor settings (its config without diffusers' bookkeeping keys)."""
+    return {key: value for key, value in decoder.config.items() if not key.startswith("_")}
+
+
+@register_decoder
+class CrossSubjectStructural(_CrossSubject):
+    """A subject's structural voxels -> a shared space -> a shared structural decoder."""
+
+    role = "structural"
+    targets = targets_of("structural")
+
+
+@register_decoder
+class CrossSubjectSemantic(_CrossSubject):
+    """A subject's semantic voxels -> a shared space -> a shared semantic decoder."""
+
+    role = "semantic"
+    targets = targets_of("semantic")
+
+
+#: The cross-subject decoder class of each role.
+CROSS_SUBJECT = {"structural": CrossSubjectStructural, "semantic": CrossSubjectSemantic}
+
+
 def variance_kept_by_rank(tokens: np.ndarray, ranks: list[int]) -> dict:
     """What a rank-r token head can represent of ``tokens`` (n images, T tokens, D).
 
