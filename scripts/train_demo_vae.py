@@ -16,6 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
+import havir  # noqa: F401  first: lets transformers import torchvision beside CPU torch (havir/_torchvision.py)
 import numpy as np
 import torch
 import torch.nn.functional as F

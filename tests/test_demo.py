@@ -16,9 +16,14 @@ The page and ``demo.json`` carry every demo measure's bootstrap interval over te
 the paired difference fused - structural (object-kind F1, mini-CLIP identification) with its
 interval, said in words on the page.
 
-Not met yet, so not asserted (docs/miniature-vd.md has the figures with their intervals): semantic
-miniature-CLIP identification >= 0.75; fused object-kind F1 and miniature-CLIP identification
-above the structural mode's; the null's identification within +- 0.06.
+Not met yet, so strict xfails (they fail the suite the day they pass, so this file gets updated):
+semantic miniature-CLIP identification >= 0.75; fused object-kind F1 and miniature-CLIP
+identification above the structural mode's (the whole paired interval above 0). Not asserted:
+the null's identification within +- 0.06 (below). docs/miniature-vd.md has the figures with
+their intervals and, under "Where the objects are lost", the measured reasons: the miniature UNet
+does not draw object kinds even from the true embeddings, the demo VAE caps the probe's object F1
+of any decoded picture at 0.65, and mini-CLIP identification reads background and colours, which
+the simulated semantic voxels do not carry (a perfect semantic reconstruction scores about 0.80).
 
 Why +- 0.08 for the null: with reconstructions independent of their stimuli, each image's
 identification is the rank of its own correlation among n, uniform on {0, ..., n-1}/(n-1), so the
@@ -79,6 +84,17 @@ def test_fusion_keeps_the_layout_and_the_content(summary):
     modes = summary["modes"]
     assert modes["fused"]["pixcorr"] >= modes["semantic"]["pixcorr"] + 0.1
     assert _measure(summary, "method", "fused", "content_accuracy") >= 0.90
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20, not met: semantic mini-CLIP identification 0.596 (docs/miniature-vd.md)")
+def test_semantic_mode_reaches_the_mini_clip_goal(summary):
+    assert _measure(summary, "method", "semantic", "mini_clip_identification") >= 0.75
+
+
+@pytest.mark.xfail(strict=True, reason="issue 20, not met: fusion adds no object content to the structural mode (docs/miniature-vd.md)")
+@pytest.mark.parametrize("name", ["object_kind_f1", "mini_clip_identification"])
+def test_fusion_adds_content_to_the_structural_mode(summary, name):
+    assert summary["fusion_vs_structural"]["method"][name]["higher"], summary["fusion_vs_structural"]["method"][name]
 
 
 @pytest.mark.parametrize("mode", ["structural", "fused", "semantic"])

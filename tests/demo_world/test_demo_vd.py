@@ -122,3 +122,24 @@ def test_unet_training_resumes_where_it_stopped(tmp_path, monkeypatch, capsys):
         assert all(torch.equal(straight[k], resumed[k]) for k in straight), unet
     record = json.loads((tmp_path / "resumed" / "training-unet.json").read_text())
     assert [entry["step"] for entry in record["history"]] == [3]
+
+
+def test_vae_training_script_runs_in_a_fresh_process(tmp_path):
+    """``scripts/train_demo_vae.py`` as its docstring runs it, in a fresh interpreter (one step):
+    it writes a loadable fp16 VAE with the scaling factor it measured. (It once imported diffusers
+    before havir's torchvision shim and died at import; an in-process call would not see that.)"""
+    import os
+    import subprocess
+
+    from diffusers import AutoencoderKL
+
+    env = os.environ | {"PYTHONPATH": str(SCRIPTS.parent)}
+    done = subprocess.run([sys.executable, str(SCRIPTS / "train_demo_vae.py"), "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "vae")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "vae" / "diffusion_pytorch_model.safetensors", "pt") as tensors:
+        assert {tensors.get_slice(k).get_dtype() for k in tensors.keys()} == {"F16"}
+    vae = AutoencoderKL.from_pretrained(tmp_path / "vae")
+    assert vae.config.scaling_factor > 0 and vae.config.scaling_factor != 0.18215  # measured, not diffusers' default
