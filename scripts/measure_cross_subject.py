@@ -19,7 +19,10 @@ and scores each on the **held-out images**: every image subject 3 saw outside se
 fit. Prints one JSON object: two-way identification per target and model, and the gains of
 ``adapted`` and ``adapted_ctl`` over ``alone``.
 
-    OMP_NUM_THREADS=1 python scripts/measure_cross_subject.py --out /tmp/cross [--sessions 4] [--images 200]
+    OMP_NUM_THREADS=1 python scripts/measure_cross_subject.py --out /tmp/cross [--sessions 4] [--images 200] [--noise 1.5]
+
+A session holds 3 * images / sessions trials: change ``--images`` and ``--sessions`` together to give
+the pretraining subjects more data while subject 3's one session stays as long.
 """
 
 from __future__ import annotations
@@ -60,6 +63,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--sessions", type=int, default=4, help="sessions of subjects 1 and 2 (subject 3 has 3/4 as many)")
+    parser.add_argument("--noise", type=float, default=1.5,
+                        help="trial noise of every subject, percent signal change (synthesize_nsd's noise; signal is 1.5)")
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=60, help="input-layer epochs of --init runs")
     parser.add_argument("--finetune-epochs", type=int, default=0)
@@ -67,7 +72,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     out = args.out
-    synthesize_nsd(out / "nsd", subjects=(1, 2, 3), images=args.images, seed=11, sessions=args.sessions, betas_format="hdf5")
+    synthesize_nsd(out / "nsd", subjects=(1, 2, 3), images=args.images, seed=11, sessions=args.sessions, betas_format="hdf5",
+                  noise=args.noise)
     for subject, folder, sessions, normalisation in ((1, "pool", None, "training"), (2, "pool", None, "training"),
                                                      (3, "one", 1, "session"), (3, "every", None, "session")):
         prepare_subject(out / "nsd", subject, out / folder, sessions=sessions, normalisation=normalisation, progress=False)
