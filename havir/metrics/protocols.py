@@ -19,14 +19,17 @@ The steps a preset names are implemented here once (:func:`resize`, :func:`worki
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-
 import sys
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import PIL.Image
 
 from havir.errors import InvalidInputError
+
+if TYPE_CHECKING:  # imported where tensors are made (see _is_tensor)
+    import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
