@@ -228,20 +228,15 @@ def load_training_data(data: Path, subject: int, config: TrainConfig) -> Trainin
     else:
         fit = averaged_split(train.structural[fit_rows], train.semantic[fit_rows], train.nsd_id[fit_rows], features, feature_ids,
                               train.other[fit_rows])
-    val = averaged_split(train.structural[is_val], train.semantic[is_val], train.nsd_id[is_val], features, feature_ids,
-                         train.other[is_val])
     if config.shuffle_control:
-        # Fitted and selected (best epoch) on shuffled pairs: a null whose validation pairs were real
-        # would pick the epochs that happen to decode the real images best. The test split stays real.
-        fit, val = (_shuffled_pairs(part, rng) for part in (fit, val))
-    return TrainingData(fit=fit, val=val,
-                        test=averaged_split(test.structural, test.semantic, test.nsd_id, features, feature_ids, test.other))
-
-
-def _shuffled_pairs(part: Split, rng: np.random.Generator) -> Split:
-    """``part`` with its targets (and image ids) permuted across its rows: each voxel pattern paired with another image."""
-    order = rng.permutation(len(part.nsd_id))
-    return dataclasses.replace(part, **{name: value[order] for name, value in part.targets().items()}, nsd_id=part.nsd_id[order])
+        order = rng.permutation(len(fit.nsd_id))
+        fit = dataclasses.replace(fit, **{name: value[order] for name, value in fit.targets().items()}, nsd_id=fit.nsd_id[order])
+    return TrainingData(
+        fit=fit,
+        val=averaged_split(train.structural[is_val], train.semantic[is_val], train.nsd_id[is_val], features, feature_ids,
+                            train.other[is_val]),
+        test=averaged_split(test.structural, test.semantic, test.nsd_id, features, feature_ids, test.other),
+    )
 
 
 def build_decoders(data: TrainingData, config: TrainConfig, n_voxels: dict[str, int] | None = None) -> tuple[StructuralGenerator, SemanticExtractor]:

@@ -64,24 +64,6 @@ def test_training_data_is_wired_from_the_right_sets(trainable):
     assert set(data.val.nsd_id).isdisjoint(data.fit.nsd_id) and set(data.test.nsd_id).isdisjoint(data.fit.nsd_id)
 
 
-def test_the_null_run_is_fitted_and_selected_on_shuffled_pairs(trainable):
-    """``shuffle_control`` pairs the voxels of the fitting and the validation images (which pick
-    the best epoch) with other images' targets; the test images stay paired."""
-    data_dir, _ = trainable
-    real = load_training_data(data_dir, 1, TINY)
-    null = load_training_data(data_dir, 1, dataclasses.replace(TINY, shuffle_control=True))
-    for part in ("fit", "val", "test"):
-        ours, theirs = getattr(real, part), getattr(null, part)
-        np.testing.assert_array_equal(ours.structural, theirs.structural)
-        flat = lambda split: split.vae_latents.reshape(len(split.vae_latents), -1)
-        same = (flat(ours) == flat(theirs)).all(axis=1)
-        if part == "test":
-            assert same.all()
-        else:
-            assert same.mean() < 0.2, part  # a permutation: a few rows may keep their own image
-            assert sorted(map(bytes, flat(theirs))) == sorted(map(bytes, flat(ours)))  # the same targets, re-paired
-
-
 def test_interrupted_run_resumes_to_the_same_weights(trainable, tmp_path, interrupt_on_call):
     data_dir, _ = trainable
     config = dataclasses.replace(TINY, epochs=4)
