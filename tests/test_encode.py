@@ -200,14 +200,11 @@ def test_brain_guided_selection_helps_the_method_and_not_a_consistent_null(demo_
     assert selection["candidates"] == 4 and len(selection["images"]) == len(nsd_ids)
     kept = selection["images"][str(int(nsd_ids[0]))]
     assert len(kept["scores"]) == 4 and kept["scores"][kept["kept"]] == max(kept["scores"])
-    # measured: brain 0.88 -> 0.97, mini-CLIP identification 0.79 -> 0.80; null brain -0.14 -> -0.07, and
-    # -0.16 at 4 since the null run is selected on shuffled validation pairs too. The null's brain
-    # correlation sits below zero (as its identifications sit below 0.5): not explained yet, so the
-    # bound is on its size against the method's, and on selection not lifting it.
+    # measured: brain 0.88 -> 0.97, mini-CLIP identification 0.79 -> 0.80; null brain -0.14 -> -0.07
     assert result["method", 4]["brain"] > result["method", 1]["brain"] + 0.05
     assert result["method", 4]["identification"] >= result["method", 1]["identification"]
-    assert result["null", 4]["brain"] < result["null", 1]["brain"] + 0.1, result
-    assert abs(result["null", 4]["brain"]) < 0.25 and result["null", 4]["identification"] < 0.6, result
+    assert result["null", 4]["brain"] < result["null", 1]["brain"] + 0.1, result  # selection does not lift the null
+    assert abs(result["null", 4]["brain"]) < 0.15 and result["null", 4]["identification"] < 0.6, result
     assert result["method", 4]["brain"] - result["null", 4]["brain"] > 0.7
 
 
