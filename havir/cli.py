@@ -60,6 +60,7 @@ PreparedBetas = _choices("PreparedBetas", "auto", "hdf5", "nifti")
 SynthBetas = _choices("SynthBetas", "nifti", "hdf5", "both")
 Normalisation = _choices("Normalisation", "training", "session")
 Protocol = _choices("Protocol", "mindeye2", "brain-diffuser")
+ExplainMethod = _choices("ExplainMethod", "gradients", "patterns")
 TableFormat = _choices("TableFormat", "markdown", "csv", "latex")
 
 # Options shared by several commands, defined once.
@@ -457,8 +458,9 @@ def explain(
     run: Annotated[list[Path], typer.Option("--run", help="Folder written by havir train; repeat it, one run per subject, to compare subjects.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for the attribution volumes (NIfTI), their figures and attribution.json.")],
     nsd_root: Annotated[Optional[Path], typer.Option("--nsd-root", help="NSD release holding the ROI atlases (default: the one the data were prepared from).")] = None,
-    baselines: Annotated[int, typer.Option("--baselines", help="Other test images each image is attributed against (decoders only).")] = 4,
-    steps: Annotated[int, typer.Option("--steps", help="Integrated gradients' path points (decoders only).")] = 32,
+    method: Annotated[ExplainMethod, typer.Option("--method", help="gradients: what the model reads (integrated gradients; ridge weights); patterns: where the decoded content lies (activation patterns, Haufe et al. 2014).")] = "gradients",
+    baselines: Annotated[int, typer.Option("--baselines", help="Other test images each image is attributed against (decoders, gradients only).")] = 4,
+    steps: Annotated[int, typer.Option("--steps", help="Integrated gradients' path points (decoders, gradients only).")] = 32,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Test images per attribution pass.")] = 16,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = None,
@@ -470,14 +472,15 @@ def explain(
     _refuse_launch("explain")
     from havir.explain import explain_run
 
-    result = explain_run(run, out, nsd_root=nsd_root, baselines=baselines, steps=steps, batch_size=batch_size, device=device)
+    result = explain_run(run, out, nsd_root=nsd_root, method=method.value, baselines=baselines, steps=steps, batch_size=batch_size,
+                         device=device)
     if as_json:
         _emit(result, as_json, "")
         return
     for subject, table in result["subjects"].items():
         for pathway, shares in table["pathways"].items():
             top = sorted(shares.items(), key=lambda item: -item[1])[:8]
-            rows = Table("ROI", "share", title=f"{subject}: {pathway} pathway, largest shares of attribution", title_justify="left")
+            rows = Table("ROI", "share", title=f"{subject}: {pathway} pathway, largest shares ({table['method']})", title_justify="left")
             for roi, share in top:
                 rows.add_row(roi, f"{share:.3f}")
             stdout_console.print(rows)

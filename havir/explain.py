@@ -1,7 +1,10 @@
 """``havir explain``: which voxels drive each pathway of a trained run.
 
 For every target (:mod:`havir.targets`: ``vae_latents`` from the structural pathway,
-``clip_image`` and ``clip_text`` from the semantic one) an attribution to every input voxel:
+``clip_image`` and ``clip_text`` from the semantic one) a map over every input voxel, of one of
+two kinds (``method``), which answer different questions:
+
+``"gradients"`` (the default): **what the model reads**, the backward view.
 
 * **decoders** (``model = "havir"``): integrated gradients (Sundararajan et al. 2017, with
   Captum's :class:`~captum.attr.IntegratedGradients`) from a baseline response ``x'`` to each
@@ -24,6 +27,27 @@ For every target (:mod:`havir.targets`: ``vae_latents`` from the structural path
   input, averaged over the target's output units; every target reads every input voxel, so
   the ridge's one pathway is ``"ridge"``.
 
+``"patterns"``: **where the decoded content is represented in the responses**, the forward view:
+activation patterns (Haufe et al. 2014, "On the interpretation of weight vectors of linear models
+in multivariate neuroimaging"), for decoders and ridge alike, from the model's predictions
+``y_hat`` on the test images. Each output unit ``k`` is taken as a one-dimensional decoder, whose
+pattern is Haufe's ``a_k = Cov(x, y_hat_k) / Var(y_hat_k)``: how much each voxel's response
+changes per unit of the decoded value, the forward model the decoder implies (the full
+``Cov(y_hat)^-1`` of Haufe's multi-output formula cannot be estimated from fewer test images than
+output units). A voxel's value is the root mean square of its ``a_k`` over the target's units
+(units the model predicts as constant are left out). Why a second kind: a decoder's weights, and
+therefore its gradients, are not a map of where information lies. Among many redundant
+informative voxels a decoder spreads its weight thin, and it gives weight to noise voxels to fit
+or cancel noise. On the synthetic NSD's redundant early visual voxels, ridge's absolute weights
+rank noise voxels *above* layout voxels (ROC AUC 0.25 at strength 1e3) and the tiny
+decoder's integrated gradients reach 0.74, while the patterns rank layout voxels first (0.97 and 0.96;
+``tests/test_explain.py``). Packages lack this: Captum attributes a model's output and nilearn's
+decoders report weights; the pattern needs only predictions, so it is computed here.
+What patterns do not show is that the model learnt anything: any function of the responses
+covaries with the voxels that carry most of their variance, and a decoder trained on shuffled
+voxel-image pairs has patterns much like the real one's. Judge what was learnt by the model's
+scores against its null control (``--control shuffled``), then read the maps.
+
 What it writes in ``OUT`` (``subjXX/`` per run):
 
 ======================================  ================================================================
@@ -36,8 +60,9 @@ What it writes in ``OUT`` (``subjXX/`` per run):
 ``roi_shares.png``                      with several runs: the subjects' shares side by side
 ======================================  ================================================================
 
-Attribution says which voxels the decoder's output is sensitive to between one image's response
-and another's, not which voxels carry the information causally, nor what the brain does.
+Gradients say which voxels the decoder's output is sensitive to between one image's response and
+another's; patterns say which voxels' responses go with the decoded content. Neither says which
+voxels carry the information causally, nor what the brain does.
 """
 
 from __future__ import annotations
@@ -62,10 +87,11 @@ from havir.nsd.atlas import Atlas, read_atlas
 from havir.nsd.layout import ATLASES, NSDLayout
 from havir.progress import track
 from havir.targets import TARGETS, targets_of
-from havir.validation import Interval, Rule, check_options, read_json
+from havir.validation import Interval, OneOf, Rule, check_options, read_json
 
 #: ``havir explain``'s options.
 EXPLAIN_OPTIONS: dict[str, Rule] = {
+    "method": OneOf("gradients", "patterns"),
     "steps": Interval(int, 2, 1000),
     "baselines": Interval(int, 1, 100),
     "batch_size": Interval(int, 1),
@@ -77,6 +103,8 @@ PROTOCOL = {
     "voxels, of the prediction's projection on its detached shift from the baseline's prediction; mean over "
     "the test images and baselines of the absolute attribution per voxel",
     "ridge": "absolute ridge weights per unit of z-scored input, mean over the target's output units",
+    "patterns": "activation patterns (Haufe et al. 2014) of the model's predictions on the test images: per output "
+    "unit Cov(voxel, prediction) / Var(prediction), root mean square over the target's output units",
     "roi_share": "attribution summed over an atlas ROI's voxels / summed over all input voxels of the target; "
     "a pathway's share is the mean of its targets' shares",
 }
@@ -128,6 +156,43 @@ def decoder_attribution(decoder, voxels: np.ndarray, *, baselines: int = 4, step
                     )
                 totals[target] += attributions.abs().sum(0).double()
     return {target: (total / (len(inputs) * len(shifts))).cpu().numpy() for target, total in totals.items()}
+
+
+def activation_patterns(voxels: np.ndarray, predictions: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``{target: (n_voxels,) float64}``: the root mean square over each target's output units of
+    the units' activation patterns ``Cov(x, y_hat_k) / Var(y_hat_k)`` (module docstring).
+
+    voxels : (n_images, n_voxels) the model's input on the test images (z-scored betas).
+    predictions : ``{target: (n_images, ...)}`` what the model predicts from those rows.
+    """
+    x = np.asarray(voxels, dtype=np.float64)
+    if len(x) < 2:
+        raise InvalidInputError(f"activation patterns are covariances over test images, but the test set holds {len(x)} image")
+    x = x - x.mean(0)
+    patterns = {}
+    for target, predicted in predictions.items():
+        y = np.asarray(predicted, dtype=np.float64).reshape(len(x), -1)
+        y = y - y.mean(0)
+        variance = (y * y).sum(0) / (len(x) - 1)
+        varying = variance > 1e-12 * variance.max() if variance.max() > 0 else np.zeros_like(variance, dtype=bool)
+        if not varying.any():
+            patterns[target] = np.zeros(x.shape[1])  # a constant prediction goes with no voxel
+            continue
+        covariance = x.T @ y[:, varying] / (len(x) - 1)  # (n_voxels, varying units)
+        patterns[target] = np.sqrt(((covariance / variance[varying]) ** 2).mean(1))
+    return patterns
+
+
+def _decoder_predictions(decoder, voxels: np.ndarray, *, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+    """``decoder``'s predictions of its targets for the rows of ``voxels``, float32 on the CPU."""
+    inputs = torch.as_tensor(voxels, dtype=torch.float32)
+    parts = {target: [] for target in targets_of(decoder.role)}
+    with torch.no_grad():
+        for start in range(0, len(inputs), batch_size):
+            predicted = decoder.predict(inputs[start:start + batch_size].to(device))
+            for target in parts:
+                parts[target].append(predicted[target].float().cpu().numpy())
+    return {target: np.concatenate(chunks) for target, chunks in parts.items()}
 
 
 def ridge_attribution(ridge) -> dict[str, np.ndarray]:
@@ -250,7 +315,7 @@ def _run_inputs(run: Path, nsd_root: Path | None) -> _RunInputs:
     return _RunInputs(Path(run), record, root, grid, _read_atlases(root, subject, grid))
 
 
-def _attribute_run(inputs: _RunInputs, out: Path, *, baselines, steps, batch_size, device, progress) -> dict:
+def _attribute_run(inputs: _RunInputs, out: Path, *, method, baselines, steps, batch_size, device, progress) -> dict:
     """One run's volumes, figures and table (the entry of ``attribution.json`` for its subject)."""
     run, record, grid, atlases = inputs.run, inputs.record, inputs.grid, inputs.atlases
     subject, data = record["subject"], Path(record["data"])
@@ -265,18 +330,27 @@ def _attribute_run(inputs: _RunInputs, out: Path, *, baselines, steps, batch_siz
         ridge_input = np.concatenate([coordinates[name] for name in sets])
         if len(ridge_input) != ridge_voxels(test, read).shape[1]:
             raise InvalidInputError(f"the ridge in {run} reads other voxels than {data} holds: run `havir train` again")
-        pathways = {"ridge": (ridge_input, ridge_attribution(load_ridge(run)))}
+        ridge = load_ridge(run)
+        if method == "patterns":
+            attribution = activation_patterns(ridge_voxels(test, read), ridge.predict(ridge_voxels(test, read)))
+        else:
+            attribution = ridge_attribution(ridge)
+        pathways = {"ridge": (ridge_input, attribution)}
     else:
         pathways = {}
         for role, decoder in load_decoders(run, device).items():
-            attribution = decoder_attribution(decoder, getattr(test, role), baselines=baselines, steps=steps, batch_size=batch_size,
-                                              device=device, progress=progress)
+            voxels = getattr(test, role)
+            if method == "patterns":
+                attribution = activation_patterns(voxels, _decoder_predictions(decoder, voxels, batch_size=batch_size, device=device))
+            else:
+                attribution = decoder_attribution(decoder, voxels, baselines=baselines, steps=steps, batch_size=batch_size,
+                                                  device=device, progress=progress)
             pathways[role] = (coordinates[role], attribution)
 
     folder = out / f"subj{subject:02d}"
     folder.mkdir(exist_ok=True)
     background = _background(inputs.nsd_root, subject, atlases)
-    table = {"run": str(Path(run).resolve()), "model": record["model"], "test_images": len(test.nsd_id),
+    table = {"run": str(Path(run).resolve()), "model": record["model"], "method": method, "test_images": len(test.nsd_id),
              "targets": {}, "pathways": {}}
     for pathway, (voxels, attribution) in pathways.items():
         for target in attribution:  # the pathway's targets (all of them for ridge)
@@ -286,7 +360,7 @@ def _attribute_run(inputs: _RunInputs, out: Path, *, baselines, steps, batch_siz
             stem = folder / f"{pathway}_{target}"
             with atomic_path(stem.with_suffix(".nii.gz")) as temporary:
                 nib.save(image, temporary)
-            _plot_volume(image, background, f"subj{subject:02d} {pathway} -> {TARGETS[target].description}",
+            _plot_volume(image, background, f"subj{subject:02d} {pathway} -> {TARGETS[target].description} ({method})",
                          stem.with_suffix(".png"))
             table["targets"][target] = {"pathway": pathway, "voxels": len(voxels), "total": float(volume.sum()),
                                         "volume": str(stem.with_suffix(".nii.gz")), "rois": roi_shares(volume, atlases)}
@@ -301,6 +375,7 @@ def explain_run(
     out: Path,
     *,
     nsd_root: Path | None = None,
+    method: str = "gradients",
     baselines: int = 4,
     steps: int = 32,
     batch_size: int = 16,
@@ -317,6 +392,8 @@ def explain_run(
     out : output folder (see the module docstring for its files).
     nsd_root : the NSD release, for the ROI atlases and the mean volume (default: the one the
         run's data were prepared from, as their record says).
+    method : ``"gradients"`` (what the model reads: integrated gradients, or ridge's weights) or
+        ``"patterns"`` (where the decoded content lies: activation patterns); see the module docstring.
     baselines : other test images each image is attributed against (ignored for ridge runs).
     steps : integrated gradients' path points (ignored for ridge runs).
     batch_size : test images per attribution pass (each pass runs ``batch_size x steps`` inputs).
@@ -324,7 +401,7 @@ def explain_run(
     progress : report progress on stderr.
     """
     started = time.perf_counter()
-    check_options(EXPLAIN_OPTIONS, baselines=baselines, steps=steps, batch_size=batch_size)
+    check_options(EXPLAIN_OPTIONS, method=method, baselines=baselines, steps=steps, batch_size=batch_size)
     torch_device = resolve_device(device)  # a bad option is refused before any file is read
     runs = [Path(run)] if isinstance(run, (str, Path)) else [Path(r) for r in run]
     if not runs:
@@ -337,8 +414,8 @@ def explain_run(
             f"several runs of subj{repeated[0]:02d} given: pass one run per subject (explain each run of a subject into its own --out)"
         )
     with output_folder(Path(out)) as out:
-        tables = {f"subj{subject:02d}": _attribute_run(run_inputs, out, baselines=baselines, steps=steps, batch_size=batch_size,
-                                                      device=torch_device, progress=progress)
+        tables = {f"subj{subject:02d}": _attribute_run(run_inputs, out, method=method, baselines=baselines, steps=steps,
+                                                      batch_size=batch_size, device=torch_device, progress=progress)
                   for run_inputs, subject in zip(inputs, subjects)}
         figure = None
         if len(tables) > 1:
@@ -347,7 +424,8 @@ def explain_run(
         result = {
             "subjects": tables,
             "comparison_figure": str(figure) if figure else None,
-            "settings": {"baselines": baselines, "steps": steps, "batch_size": batch_size, "device": str(torch_device)},
+            "settings": {"method": method, "baselines": baselines, "steps": steps, "batch_size": batch_size,
+                         "device": str(torch_device)},
             "protocol": PROTOCOL,
             "havir_version": havir.__version__,
             "versions": package_versions(*MODEL_STACK, "captum", "nibabel", "nilearn"),

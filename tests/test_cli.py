@@ -186,6 +186,7 @@ def test_choice_options_take_the_library_words():
     from havir import cli
     from havir.devices import DTYPES
     from havir.metrics.protocols import PRESETS
+    from havir.explain import EXPLAIN_OPTIONS
     from havir.nsd.synth import SYNTH_OPTIONS
     from havir.prepare import PREPARE_OPTIONS
     from havir.models.backbone import IMG2IMG_STARTS, MODES
@@ -204,6 +205,7 @@ def test_choice_options_take_the_library_words():
     assert words(cli.Normalisation) == list(PREPARE_OPTIONS["normalisation"].choices)
     assert words(cli.SynthBetas) == list(SYNTH_OPTIONS["betas_format"].choices)
     assert sorted(words(cli.Protocol)) == sorted(PRESETS)
+    assert words(cli.ExplainMethod) == list(EXPLAIN_OPTIONS["method"].choices)
 
 
 def test_choices_are_completed_by_the_shell(tmp_path):
