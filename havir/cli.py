@@ -484,6 +484,17 @@ def explain(
             for roi, share in top:
                 rows.add_row(roi, f"{share:.3f}")
             stdout_console.print(rows)
+            silencing = table["silencing"][pathway]
+            targets = list(silencing["intact"])
+            rows = Table("ROI", "voxels", *(f"{target} alone / without" for target in targets),
+                         title=f"{subject}: {pathway} pathway, two-way identification by ROI (intact: "
+                         + ", ".join(f"{target} {value:.3f}" for target, value in silencing["intact"].items()) + ")",
+                         title_justify="left")
+            ranked = sorted(silencing["rois"].items(), key=lambda item: -sum(item[1]["alone"].values()))
+            for roi, scores in ranked[:8]:
+                rows.add_row(roi, str(scores["voxels"]),
+                             *(f"{scores['alone'][target]:.3f} / {scores['silenced'][target]:.3f}" for target in targets))
+            stdout_console.print(rows)
     stdout_console.print(f"maps and attribution.json in {result['output']}", markup=False, highlight=False)
 
 

@@ -60,8 +60,18 @@ What it writes in ``OUT`` (``subjXX/`` per run):
 ``roi_shares.png``                      with several runs: the subjects' shares side by side
 ======================================  ================================================================
 
+Whichever the method, ``attribution.json`` also holds a **silencing** table, the one view that a
+null control can check, because it scores the model against the true targets: for each atlas ROI
+among a pathway's inputs, the two-way identification of each target on the test images with the
+ROI **silenced** (its voxels set to their mean response, 0 in the prepared z-scored units) and
+with the ROI **alone** (every other input silenced). A model trained on shuffled pairs identifies
+at chance either way (``tests/test_explain.py``). Silencing shows what the model cannot do
+without an ROI, and redundancy hides there (an ROI whose information others also carry costs
+little); the ROI alone shows what the model can do with it.
+
 Gradients say which voxels the decoder's output is sensitive to between one image's response and
-another's; patterns say which voxels' responses go with the decoded content. Neither says which
+another's; patterns say which voxels' responses go with the decoded content; silencing says what
+the model's identification needs. Neither says which
 voxels carry the information causally, nor what the brain does.
 """
 
@@ -105,6 +115,9 @@ PROTOCOL = {
     "ridge": "absolute ridge weights per unit of z-scored input, mean over the target's output units",
     "patterns": "activation patterns (Haufe et al. 2014) of the model's predictions on the test images: per output "
     "unit Cov(voxel, prediction) / Var(prediction), root mean square over the target's output units",
+    "silencing": "two-way identification (MindEye's) of each target's predictions against the true targets of the "
+    "test images: intact; with every input voxel of one atlas ROI set to 0, the mean response in the prepared "
+    "z-scored units (silenced); with every other input voxel set to 0 (alone)",
     "roi_share": "attribution summed over an atlas ROI's voxels / summed over all input voxels of the target; "
     "a pathway's share is the mean of its targets' shares",
 }
@@ -193,6 +206,45 @@ def _decoder_predictions(decoder, voxels: np.ndarray, *, batch_size: int, device
             for target in parts:
                 parts[target].append(predicted[target].float().cpu().numpy())
     return {target: np.concatenate(chunks) for target, chunks in parts.items()}
+
+
+def silenced_identification(predict, voxels: np.ndarray, truth: dict[str, np.ndarray],
+                            rois: dict[str, np.ndarray]) -> dict:
+    """A model's two-way identification with each ROI silenced, and with each ROI alone.
+
+    predict : ``voxels -> {target: (n, ...)}``, the model's predictions of its targets.
+    voxels : (n_images, n_voxels) the model's input on the test images (z-scored betas).
+    truth : ``{target: (n_images, ...)}`` the test images' true targets.
+    rois : ``{"atlas/label": (n_voxels,) bool}`` which inputs each ROI holds.
+
+    Returns ``{"intact": {target: identification}, "rois": {roi: {"voxels": n, "silenced":
+    {target: identification}, "alone": {target: identification}}}}``; silenced voxels are set
+    to 0, their mean response. One pass per ROI and way, by hand: Captum's ``FeatureAblation``
+    takes one partition of the inputs per call and scores per image, while atlases overlap and
+    identification is a score of the whole test set.
+    """
+    from havir.metrics.scores import two_way_identification
+
+    def identification(keep: np.ndarray) -> dict[str, float]:
+        predicted = predict(np.where(keep, voxels, np.float32(0.0)))
+        return {target: float(two_way_identification(truth[target], predicted[target]).mean()) for target in truth}
+
+    table = {roi: {"voxels": int(inside.sum()), "silenced": identification(~inside), "alone": identification(inside)}
+             for roi, inside in rois.items()}
+    return {"intact": identification(np.ones(voxels.shape[1], dtype=bool)), "rois": table}
+
+
+def _input_rois(coordinates: np.ndarray, atlases: dict[str, Atlas]) -> dict[str, np.ndarray]:
+    """``{"atlas/label": (n_inputs,) bool}``: the ROIs holding some but not all of the inputs at
+    ``coordinates`` (n_inputs, 3) (an ROI with every input would silence the whole pathway)."""
+    rois = {}
+    for atlas in atlases.values():
+        values = atlas.labels[tuple(coordinates.T)]
+        for label, value in atlas.names.items():
+            inside = values == value
+            if 0 < inside.sum() < len(coordinates):
+                rois[f"{atlas.name}/{label}"] = inside
+    return rois
 
 
 def ridge_attribution(ridge) -> dict[str, np.ndarray]:
@@ -331,21 +383,28 @@ def _attribute_run(inputs: _RunInputs, out: Path, *, method, baselines, steps, b
         if len(ridge_input) != ridge_voxels(test, read).shape[1]:
             raise InvalidInputError(f"the ridge in {run} reads other voxels than {data} holds: run `havir train` again")
         ridge = load_ridge(run)
+        voxels = ridge_voxels(test, read)
         if method == "patterns":
-            attribution = activation_patterns(ridge_voxels(test, read), ridge.predict(ridge_voxels(test, read)))
+            attribution = activation_patterns(voxels, ridge.predict(voxels))
         else:
             attribution = ridge_attribution(ridge)
         pathways = {"ridge": (ridge_input, attribution)}
+        silencing = {"ridge": silenced_identification(ridge.predict, voxels, _truth(test, attribution), _input_rois(ridge_input, atlases))}
     else:
-        pathways = {}
+        pathways, silencing = {}, {}
         for role, decoder in load_decoders(run, device).items():
             voxels = getattr(test, role)
+
+            def predict(inputs, decoder=decoder):
+                return _decoder_predictions(decoder, inputs, batch_size=batch_size, device=device)
+
             if method == "patterns":
-                attribution = activation_patterns(voxels, _decoder_predictions(decoder, voxels, batch_size=batch_size, device=device))
+                attribution = activation_patterns(voxels, predict(voxels))
             else:
                 attribution = decoder_attribution(decoder, voxels, baselines=baselines, steps=steps, batch_size=batch_size,
                                                   device=device, progress=progress)
             pathways[role] = (coordinates[role], attribution)
+            silencing[role] = silenced_identification(predict, voxels, _truth(test, attribution), _input_rois(coordinates[role], atlases))
 
     folder = out / f"subj{subject:02d}"
     folder.mkdir(exist_ok=True)
@@ -367,7 +426,13 @@ def _attribute_run(inputs: _RunInputs, out: Path, *, method, baselines, steps, b
         shares = [table["targets"][target]["rois"] for target in attribution]
         table["pathways"][pathway] = {roi: float(np.mean([s.get(roi, 0.0) for s in shares]))
                                       for roi in sorted(set().union(*shares))}
+    table["silencing"] = silencing
     return table
+
+
+def _truth(test, targets) -> dict[str, np.ndarray]:
+    """The test images' true values of ``targets`` (:class:`~havir.artifacts.dataset.Split` fields)."""
+    return {target: getattr(test, target) for target in targets}
 
 
 def explain_run(
