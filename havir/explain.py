@@ -56,7 +56,8 @@ What it writes in ``OUT`` (``subjXX/`` per run):
 ``subjXX/<pathway>_<target>.png``       the volume over the subject's mean volume (or its brain outline)
 ``attribution.json``                    per subject and target: share of the total attribution in each
                                         atlas ROI (``"atlas/label"``), and per pathway (mean of its targets'
-                                        shares); the settings, protocol and versions
+                                        shares); per pathway the silencing table; the method, settings,
+                                        protocol and versions
 ``roi_shares.png``                      with several runs: the subjects' shares side by side
 ======================================  ================================================================
 
