@@ -606,6 +606,7 @@ def demo(
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs of the tiny decoders.")] = 20,
     steps: Annotated[int, typer.Option("--steps", help="DDIM steps of the fused and semantic reconstructions.")] = 20,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the data, the training and the sampling.")] = 0,
+    null_runs: Annotated[int, typer.Option("--null-runs", help="Null-brain runs (each on its own shuffle of the pairs) averaged.")] = 3,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = None,
     as_json: JsonOpt = False,
@@ -616,7 +617,7 @@ def demo(
     _refuse_launch("demo")
     from havir.demo import run_demo
 
-    summary = run_demo(out, images=images, epochs=epochs, fused_steps=steps, seed=seed, device=device)
+    summary = run_demo(out, images=images, epochs=epochs, fused_steps=steps, seed=seed, null_runs=null_runs, device=device)
     if as_json:
         _emit(summary, as_json, "")
         return

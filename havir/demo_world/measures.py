@@ -70,6 +70,29 @@ class DemoMeasures:
         return self.per_image[name][images].mean(axis=-1)
 
 
+@dataclass(frozen=True)
+class PooledMeasures:
+    """The mean of several runs' demo measures on the same test images (the demo's null-brain
+    runs): per image, and recomputed on resampled images run by run, then averaged, so that each
+    run's identification counts against its own reconstructions only."""
+
+    runs: tuple[DemoMeasures, ...]
+
+    def __post_init__(self):
+        if not self.runs or len({len(run) for run in self.runs}) != 1:
+            raise ValueError("pooled measures need one or more runs of the same test images")
+
+    def __len__(self) -> int:
+        return len(self.runs[0])
+
+    @property
+    def per_image(self) -> dict[str, np.ndarray]:
+        return {name: np.mean([run.per_image[name] for run in self.runs], axis=0) for name in self.runs[0].per_image}
+
+    def on_images(self, name: str, images: np.ndarray) -> np.ndarray:
+        return np.mean([run.on_images(name, images) for run in self.runs], axis=0)
+
+
 def demo_measures(
     stimuli: np.ndarray, reconstructions: np.ndarray, *, probe: SceneProbe | None = None, clip: DemoClip | None = None
 ) -> DemoMeasures:
