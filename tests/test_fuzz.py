@@ -365,6 +365,7 @@ CASES = [
     Case("synth-seed-negative", lambda w: ["synth-nsd", "--out", w.scratch / "nsd", "--seed", -1], ("--seed", "got -1"), no_output="nsd"),
     Case("demo-epochs-zero", lambda w: ["demo", "--out", w.scratch / "demo", "--epochs", 0], ("--epochs", ">= 1"), no_output="demo"),
     Case("demo-steps-zero", lambda w: ["demo", "--out", w.scratch / "demo", "--steps", 0], ("--steps", "[1, 1000]"), no_output="demo"),
+    Case("demo-null-runs-zero", lambda w: ["demo", "--out", w.scratch / "demo", "--null-runs", 0], ("--null-runs", "[1, 10]"), no_output="demo"),
     Case("eval-batch-size-zero", lambda w: ["eval", "--recon", w.scratch, "--data", w.data, "--subject", 1, "--batch-size", 0], ("--batch-size", ">= 1")),
     Case("config-learning-rate-nan", train_config("learning_rate = nan\n"), ("learning_rate", "finite", "config.toml"), no_output="out"),
     Case("config-epochs-negative", train_config("epochs = -3\n"), ("epochs", ">= 1", "config.toml"), no_output="out"),
