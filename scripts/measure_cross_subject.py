@@ -19,7 +19,11 @@ and scores each on the **held-out images**: every image subject 3 saw outside se
 fit. Prints one JSON object: two-way identification per target and model, and the gains of
 ``adapted`` and ``adapted_ctl`` over ``alone``.
 
-    OMP_NUM_THREADS=1 python scripts/measure_cross_subject.py --out /tmp/cross [--sessions 4] [--images 200] [--noise 1.5]
+    OMP_NUM_THREADS=1 python scripts/measure_cross_subject.py --out /tmp/cross [--sessions 4] [--images 200] [--noise 1.5] \
+        [--seed 0] [--world-seed 11]
+
+``--seed`` seeds every training run, ``--world-seed`` the simulated release (brains, images, design).
+:func:`measure` does it all and returns the result (tests/test_cross_subject.py calls it).
 
 A session holds 3 * images / sessions trials: change ``--images`` and ``--sessions`` together to give
 the pretraining subjects more data while subject 3's one session stays as long.
@@ -58,6 +62,41 @@ def held_out(every: Path, one: Path):
     return averaged_split(structural[keep], semantic[keep], nsd_id[keep], features, ids)
 
 
+def measure(out: Path, *, images: int = 200, sessions: int = 4, noise: float = 1.5, pretrain_epochs: int = 30,
+            epochs: int = 60, finetune_epochs: int = 0, seed: int = 0, world_seed: int = 11) -> dict:
+    """Everything :func:`main` does, into ``out``; returns what it prints: ``held_out_images``,
+    ``identification`` {model: {target: score}} and ``gain_over_alone`` {adapted, adapted_ctl: {target: gain}}."""
+    synthesize_nsd(out / "nsd", subjects=(1, 2, 3), images=images, seed=world_seed, sessions=sessions, betas_format="hdf5",
+                   noise=noise)
+    for subject, folder, only, normalisation in ((1, "pool", None, "training"), (2, "pool", None, "training"),
+                                                 (3, "one", 1, "session"), (3, "every", None, "session")):
+        prepare_subject(out / "nsd", subject, out / folder, sessions=only, normalisation=normalisation, progress=False)
+        compute_features(out / folder, subject, model="tiny", progress=False)
+    pretraining = TrainConfig(preset="tiny", epochs=pretrain_epochs, batch_size=64, learning_rate=2e-3, seed=seed,
+                              checkpoint_minutes=60)
+    # One session leaves a handful of validation images: take a third of them, and keep the epoch that
+    # identifies them best (a frozen pretrained decoder's near-mean first predictions have the lowest loss).
+    adapting = dataclasses.replace(pretraining, epochs=epochs, finetune_epochs=finetune_epochs, val_fraction=0.3,
+                                   best_by="identification")
+    runs = out / "runs"
+    for name, control in (("pre", False), ("ctl", True)):
+        train_subjects(out / "pool", (1, 2), runs / name, config=dataclasses.replace(pretraining, shuffle_control=control),
+                       device="cpu", progress=False)
+    train_subject(out / "one", 3, runs / "adapted", config=adapting, init=runs / "pre", device="cpu", progress=False)
+    train_subject(out / "one", 3, runs / "adapted_ctl", config=adapting, init=runs / "ctl", device="cpu", progress=False)
+    alone = dataclasses.replace(adapting, epochs=epochs + finetune_epochs, finetune_epochs=0)
+    train_subject(out / "one", 3, runs / "alone", config=alone, device="cpu", progress=False)
+
+    test = held_out(out / "every", out / "one")
+    scores = {}
+    for name in ("adapted", "adapted_ctl", "alone"):
+        decoders = load_decoders(runs / name)
+        measured = evaluate(decoders["structural"], decoders["semantic"], test, torch.device("cpu"))
+        scores[name] = {target: round(measured[f"{target}_identification"], 3) for target in TARGET_NAMES}
+    gains = {name: {t: round(scores[name][t] - scores["alone"][t], 3) for t in TARGET_NAMES} for name in ("adapted", "adapted_ctl")}
+    return {"held_out_images": len(test.nsd_id), "identification": scores, "gain_over_alone": gains}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -68,39 +107,13 @@ def main() -> None:
     parser.add_argument("--pretrain-epochs", type=int, default=30)
     parser.add_argument("--epochs", type=int, default=60, help="input-layer epochs of --init runs")
     parser.add_argument("--finetune-epochs", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (every run's)")
+    parser.add_argument("--world-seed", type=int, default=11, help="synthesize_nsd's seed (the simulated brains and images)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    out = args.out
-    synthesize_nsd(out / "nsd", subjects=(1, 2, 3), images=args.images, seed=11, sessions=args.sessions, betas_format="hdf5",
-                  noise=args.noise)
-    for subject, folder, sessions, normalisation in ((1, "pool", None, "training"), (2, "pool", None, "training"),
-                                                     (3, "one", 1, "session"), (3, "every", None, "session")):
-        prepare_subject(out / "nsd", subject, out / folder, sessions=sessions, normalisation=normalisation, progress=False)
-        compute_features(out / folder, subject, model="tiny", progress=False)
-    pretraining = TrainConfig(preset="tiny", epochs=args.pretrain_epochs, batch_size=64, learning_rate=2e-3, seed=args.seed,
-                              checkpoint_minutes=60)
-    # One session leaves a handful of validation images: take a third of them, and keep the epoch that
-    # identifies them best (a frozen pretrained decoder's near-mean first predictions have the lowest loss).
-    adapting = dataclasses.replace(pretraining, epochs=args.epochs, finetune_epochs=args.finetune_epochs, val_fraction=0.3,
-                                   best_by="identification")
-    runs = out / "runs"
-    for name, control in (("pre", False), ("ctl", True)):
-        train_subjects(out / "pool", (1, 2), runs / name, config=dataclasses.replace(pretraining, shuffle_control=control),
-                       device="cpu", progress=False)
-    train_subject(out / "one", 3, runs / "adapted", config=adapting, init=runs / "pre", device="cpu", progress=False)
-    train_subject(out / "one", 3, runs / "adapted_ctl", config=adapting, init=runs / "ctl", device="cpu", progress=False)
-    alone = dataclasses.replace(adapting, epochs=args.epochs + args.finetune_epochs, finetune_epochs=0)
-    train_subject(out / "one", 3, runs / "alone", config=alone, device="cpu", progress=False)
-
-    test = held_out(out / "every", out / "one")
-    scores = {}
-    for name in ("adapted", "adapted_ctl", "alone"):
-        decoders = load_decoders(runs / name)
-        measured = evaluate(decoders["structural"], decoders["semantic"], test, torch.device("cpu"))
-        scores[name] = {target: round(measured[f"{target}_identification"], 3) for target in TARGET_NAMES}
-    gains = {name: {t: round(scores[name][t] - scores["alone"][t], 3) for t in TARGET_NAMES} for name in ("adapted", "adapted_ctl")}
-    print(json.dumps({"held_out_images": len(test.nsd_id), "identification": scores, "gain_over_alone": gains}, indent=2))
+    result = measure(args.out, images=args.images, sessions=args.sessions, noise=args.noise, pretrain_epochs=args.pretrain_epochs,
+                     epochs=args.epochs, finetune_epochs=args.finetune_epochs, seed=args.seed, world_seed=args.world_seed)
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import havir.train
 from havir.artifacts.run import load_decoders, load_shared_decoders, read_finished_run
 from havir.features import compute_features
 from havir.models.decoders import CrossSubjectSemantic, CrossSubjectStructural, SemanticExtractor, StructuralGenerator
-from havir.nsd.synth import synthesize_nsd
+from havir.nsd.synth import read_synth_truth, synthesize_nsd
 from havir.prepare import prepare_subject
 from havir.reconstruct import SamplerSettings, reconstruct_run
 from havir.train import TrainConfig, train_subject, train_subjects
@@ -196,3 +196,41 @@ def test_adapting_on_two_processes_equals_one(pooled_data, pooled_run, tmp_path)
         got, expected = (load_file(tmp_path / f"{folder}/checkpoint/{part}.safetensors") for folder in ("two", "one"))
         for key in expected:  # Adam's first steps on a freshly thawed decoder scale tiny gradients up: 1e-4
             torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4, msg=lambda m: f"{part}.{key}: {m}")
+
+
+def _measure_cross_subject():
+    """``scripts/measure_cross_subject.py`` (scripts/ is not a package), imported by path."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "measure_cross_subject.py"
+    spec = importlib.util.spec_from_file_location("measure_cross_subject", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_pretraining_on_two_subjects_beats_one_session_alone_for_a_third(tmp_path):
+    """Issue 17's acceptance: pretrained on subjects 1 and 2, adapted to subject 3's one session,
+    the model identifies the images subject 3 saw outside that session (669, never fitted) at least
+    0.05 better than that session alone, for the VAE latents and for CLIP text; adapted from the
+    shuffled-pairs pretraining instead, it does not (what transfers is learnt from the pairs).
+
+    The world where one session is short of data (``measure_cross_subject.py --noise 3.0 --images
+    800 --sessions 16``, README "Cross-subject training"): half the default single-trial SNR, 2,400
+    trials for each pretraining subject against 150 in subject 3's session. Measured gains
+    (adapted; shuffled control), latents / text: training seeds 0, 1, 2 give +0.068 / +0.224
+    (-0.088 / +0.051), +0.054 / +0.225 (-0.105 / -0.007), +0.073 / +0.116 (-0.120 / -0.188). The
+    world is pinned (the script's, ``world_seed = 11``): in another (5) the latents gain only +0.028.
+    About 4 minutes on one CPU thread."""
+    measured = _measure_cross_subject().measure(tmp_path, images=800, sessions=16, noise=3.0, seed=0)
+    runs = tmp_path / "runs"
+    grids = {subject: load_decoders(runs / f"pre/subj{subject:02d}") for subject in (1, 2)} | {3: load_decoders(runs / "adapted")}
+    counts = {subject: (d["structural"].config.n_voxels, d["semantic"].config.n_voxels) for subject, d in grids.items()}
+    assert len(set(counts.values())) == 3, counts  # three voxel counts ...
+    assert len({read_synth_truth(tmp_path / "nsd", subject).roles.shape for subject in (1, 2, 3)}) == 3  # ... and grids
+    assert measured["held_out_images"] > 600
+    gains, control = measured["gain_over_alone"]["adapted"], measured["gain_over_alone"]["adapted_ctl"]
+    assert gains["vae_latents"] >= 0.05 and gains["clip_text"] >= 0.05, measured
+    assert not (control["vae_latents"] >= 0.05 and control["clip_text"] >= 0.05), measured
