@@ -210,13 +210,14 @@ def _decoder_predictions(decoder, voxels: np.ndarray, *, batch_size: int, device
 
 
 def silenced_identification(predict, voxels: np.ndarray, truth: dict[str, np.ndarray],
-                            rois: dict[str, np.ndarray]) -> dict:
+                            rois: dict[str, np.ndarray], *, progress: bool = False, what: str = "silencing") -> dict:
     """A model's two-way identification with each ROI silenced, and with each ROI alone.
 
     predict : ``voxels -> {target: (n, ...)}``, the model's predictions of its targets.
     voxels : (n_images, n_voxels) the model's input on the test images (z-scored betas).
     truth : ``{target: (n_images, ...)}`` the test images' true targets.
     rois : ``{"atlas/label": (n_voxels,) bool}`` which inputs each ROI holds.
+    progress : report the ROIs done on stderr (and in the log file), as ``what``.
 
     Returns ``{"intact": {target: identification}, "rois": {roi: {"voxels": n, "silenced":
     {target: identification}, "alone": {target: identification}}}}``; silenced voxels are set
@@ -231,7 +232,7 @@ def silenced_identification(predict, voxels: np.ndarray, truth: dict[str, np.nda
         return {target: float(two_way_identification(truth[target], predicted[target]).mean()) for target in truth}
 
     table = {roi: {"voxels": int(inside.sum()), "silenced": identification(~inside), "alone": identification(inside)}
-             for roi, inside in rois.items()}
+             for roi, inside in track(rois.items(), what, enabled=progress, total=len(rois), unit="ROIs")}
     return {"intact": identification(np.ones(voxels.shape[1], dtype=bool)), "rois": table}
 
 
@@ -381,16 +382,17 @@ def _attribute_run(inputs: _RunInputs, out: Path, *, method, baselines, steps, b
         read = record.get("ridge", {}).get("inputs", "sets")  # which voxel sets the ridge reads (see ridge_voxels)
         sets = ("structural", "semantic", "other") if read == "nsdgeneral" else ("structural", "semantic")
         ridge_input = np.concatenate([coordinates[name] for name in sets])
-        if len(ridge_input) != ridge_voxels(test, read).shape[1]:
+        voxels = ridge_voxels(test, read)
+        if len(ridge_input) != voxels.shape[1]:
             raise InvalidInputError(f"the ridge in {run} reads other voxels than {data} holds: run `havir train` again")
         ridge = load_ridge(run)
-        voxels = ridge_voxels(test, read)
         if method == "patterns":
             attribution = activation_patterns(voxels, ridge.predict(voxels))
         else:
             attribution = ridge_attribution(ridge)
         pathways = {"ridge": (ridge_input, attribution)}
-        silencing = {"ridge": silenced_identification(ridge.predict, voxels, _truth(test, attribution), _input_rois(ridge_input, atlases))}
+        silencing = {"ridge": silenced_identification(ridge.predict, voxels, _truth(test, attribution), _input_rois(ridge_input, atlases),
+                                                      progress=progress, what="silencing ROIs (ridge)")}
     else:
         pathways, silencing = {}, {}
         for role, decoder in load_decoders(run, device).items():
@@ -405,7 +407,8 @@ def _attribute_run(inputs: _RunInputs, out: Path, *, method, baselines, steps, b
                 attribution = decoder_attribution(decoder, voxels, baselines=baselines, steps=steps, batch_size=batch_size,
                                                   device=device, progress=progress)
             pathways[role] = (coordinates[role], attribution)
-            silencing[role] = silenced_identification(predict, voxels, _truth(test, attribution), _input_rois(coordinates[role], atlases))
+            silencing[role] = silenced_identification(predict, voxels, _truth(test, attribution), _input_rois(coordinates[role], atlases),
+                                                      progress=progress, what=f"silencing ROIs ({role})")
 
     folder = out / f"subj{subject:02d}"
     folder.mkdir(exist_ok=True)

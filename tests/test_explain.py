@@ -159,7 +159,7 @@ def test_a_ridges_weights_are_no_map_of_where_information_lies(explained, tmp_pa
     aucs = {}
     for method in ("gradients", "patterns"):
         explain_run(run, tmp_path / method, method=method, device="cpu", progress=False)
-        volume = nib.load(tmp_path / f"{method}/subj01/ridge_vae_latents.nii.gz").get_fdata()
+        volume = np.asanyarray(nib.load(tmp_path / f"{method}/subj01/ridge_vae_latents.nii.gz").dataobj)  # float32, as written
         aucs[method] = roc_auc_score(layout, volume[tuple(voxels["structural"].T)])
     assert aucs["gradients"] < 0.5 and aucs["patterns"] >= FLOOR, aucs
 
@@ -344,7 +344,7 @@ def test_ridge_runs_of_two_subjects_compared_side_by_side(two_subject_nsd, train
     coordinates = load_voxel_coordinates(prepared_path(trainable[0], 1))
     read = tuple(np.concatenate([coordinates["structural"], coordinates["semantic"]]).T)
     for target, values in expected.items():
-        np.testing.assert_allclose(nib.load(tmp_path / f"patterns/subj01/ridge_{target}.nii.gz").get_fdata()[read], values, rtol=1e-5)
+        np.testing.assert_allclose(np.asanyarray(nib.load(tmp_path / f"patterns/subj01/ridge_{target}.nii.gz").dataobj)[read], values, rtol=1e-5)
 
 
 def test_bad_runs_are_refused_with_one_line(trainable, tmp_path, run_cli):
